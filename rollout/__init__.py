@@ -1,0 +1,1 @@
+"""rollout: Ray workers, DeepSpeed learners, weight sync. Places and moves things; no math."""

@@ -1,0 +1,292 @@
+"""From an env observation to `ModelInputs`, and from normalised action chunks back to env actions.
+
+Observation contract (DESIGN.md): {"images": {cam: uint8 [B, H, W, 3]}, "state": float32 [B, S],
+"prompt": list[str]}. Transforms, each small and testable:
+- images: resize with padding to the model's square size (aspect kept, black bars), scale to [-1, 1];
+  a camera absent from the observation becomes a black image with its mask False;
+- state / actions: normalised with dataset statistics, z-score (π0) or 1st-99th percentile to [-1, 1]
+  (π0.5), zero-padded to the model's action dim;
+- prompt: tokenised with a SentencePiece model (a real PaliGemma `tokenizer.model`, or a tiny one built
+  for tests); π0.5 puts the state, discretised into 256 bins, inside the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vla.config import ModelConfig
+from vla.inputs import ModelInputs
+
+NormMode = Literal["zscore", "quantile"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NormStats:
+    """Per-dimension statistics of one array (state or actions) over a dataset."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+
+    def __post_init__(self) -> None:
+        shapes = {k: np.shape(getattr(self, k)) for k in ("mean", "std", "q01", "q99")}
+        if len(set(shapes.values())) != 1 or len(shapes["mean"]) != 1:
+            raise ValueError(f"NormStats fields must be 1-D and of one length, got {shapes}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def from_data(cls, data: np.ndarray) -> "NormStats":
+        data = np.asarray(data, dtype=np.float64).reshape(-1, np.shape(data)[-1])
+        return cls(
+            mean=data.mean(0),
+            std=data.std(0),
+            q01=np.quantile(data, 0.01, axis=0),
+            q99=np.quantile(data, 0.99, axis=0),
+        )
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {k: np.asarray(getattr(self, k), dtype=np.float64).tolist() for k in ("mean", "std", "q01", "q99")}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Sequence[float]]) -> "NormStats":
+        missing = {"mean", "std"} - set(data)
+        if missing:
+            raise KeyError(f"norm stats entry lacks {sorted(missing)}")
+        mean = np.asarray(data["mean"], dtype=np.float64)
+        # Stats written without quantiles (some z-score-only files) fall back to mean -/+ 2.33 std.
+        std = np.asarray(data["std"], dtype=np.float64)
+        q01 = np.asarray(data.get("q01", mean - 2.326 * std), dtype=np.float64)
+        q99 = np.asarray(data.get("q99", mean + 2.326 * std), dtype=np.float64)
+        return cls(mean=mean, std=std, q01=q01, q99=q99)
+
+
+def save_norm_stats(stats: Mapping[str, NormStats], path: str | os.PathLike) -> None:
+    """openpi's layout: {"norm_stats": {"state": {...}, "actions": {...}}}."""
+    payload = {"norm_stats": {k: v.to_json() for k, v in stats.items()}}
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def load_norm_stats(path: str | os.PathLike) -> dict[str, NormStats]:
+    data = json.loads(Path(path).read_text())
+    data = data.get("norm_stats", data)
+    return {k: NormStats.from_json(v) for k, v in data.items()}
+
+
+def normalize(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.ndarray:
+    """z-score: (x - mean) / (std + 1e-6); quantile: affine map of [q01, q99] onto [-1, 1], clipped."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[-1] != stats.dim:
+        raise ValueError(f"normalize: last dim {x.shape[-1]} does not match the stats' {stats.dim}")
+    if mode == "zscore":
+        return (x - stats.mean) / (stats.std + 1e-6)
+    if mode == "quantile":
+        return np.clip(2.0 * (x - stats.q01) / (stats.q99 - stats.q01 + 1e-6) - 1.0, -1.0, 1.0)
+    raise ValueError(f"unknown normalisation mode {mode!r}")
+
+
+def unnormalize(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.ndarray:
+    """Inverse of `normalize` (exact inside [q01, q99] for the quantile mode)."""
+    x = np.asarray(x, dtype=np.float64)[..., : stats.dim]
+    if mode == "zscore":
+        return x * (stats.std + 1e-6) + stats.mean
+    if mode == "quantile":
+        return (x + 1.0) / 2.0 * (stats.q99 - stats.q01 + 1e-6) + stats.q01
+    raise ValueError(f"unknown normalisation mode {mode!r}")
+
+
+def pad_last(x: np.ndarray, dim: int) -> np.ndarray:
+    if x.shape[-1] > dim:
+        raise ValueError(f"cannot pad width {x.shape[-1]} into the model's action dim {dim}")
+    return np.concatenate([x, np.zeros((*x.shape[:-1], dim - x.shape[-1]), dtype=x.dtype)], -1)
+
+
+def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, size, size] in [-1, 1]; aspect kept, padding is black (-1)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    b, h, w, _ = images.shape
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out = torch.full((b, 3, size, size), -1.0)
+    out[:, :, top : top + nh, left : left + nw] = x
+    return out
+
+
+def discretize_state(state: np.ndarray, bins: int) -> np.ndarray:
+    """π0.5: normalised state in [-1, 1] -> integer bins 0..bins-1 (values outside are clipped)."""
+    edges = np.linspace(-1.0, 1.0, bins + 1)[:-1]
+    return np.clip(np.digitize(np.asarray(state), edges) - 1, 0, bins - 1)
+
+
+class PromptTokenizer:
+    """PaliGemma-style prompt tokenisation with a SentencePiece model (`<dir>/tokenizer.model`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+
+        path = Path(path)
+        model_file = path / "tokenizer.model" if path.is_dir() else path
+        if not model_file.is_file():
+            raise FileNotFoundError(
+                f"no SentencePiece model at {model_file}; point the config at a directory holding the "
+                "PaliGemma tokenizer.model"
+            )
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self.sp.get_piece_size()
+
+    @staticmethod
+    def clean(prompt: str) -> str:
+        return prompt.strip().replace("_", " ").replace("\n", " ")
+
+    def encode(self, prompt: str, state_bins: np.ndarray | None = None) -> list[int]:
+        text = self.clean(prompt)
+        if state_bins is None:  # π0: BOS + prompt + "\n"
+            return self.sp.encode(text, add_bos=True) + self.sp.encode("\n")
+        state_text = " ".join(str(int(v)) for v in state_bins)
+        return self.sp.encode(f"Task: {text}, State: {state_text};\nAction: ", add_bos=True)
+
+    def __call__(self, prompts: Sequence[str], max_len: int, states: np.ndarray | None = None):
+        tokens = np.zeros((len(prompts), max_len), dtype=np.int64)
+        masks = np.zeros((len(prompts), max_len), dtype=bool)
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt, None if states is None else states[i])
+            if len(ids) > max_len:
+                raise ValueError(
+                    f"prompt {i} needs {len(ids)} tokens but max_token_len is {max_len}: {prompt!r}"
+                )
+            tokens[i, : len(ids)] = ids
+            masks[i, : len(ids)] = True
+        return torch.from_numpy(tokens), torch.from_numpy(masks)
+
+
+@dataclasses.dataclass
+class Processor:
+    """Observation -> ModelInputs; normalised action chunk -> env actions.
+
+    norm_stats: {"state": NormStats, "actions": NormStats}; their widths are the env's real dims.
+    norm_mode: defaults to z-score for π0 and quantile for π0.5.
+    """
+
+    config: ModelConfig
+    tokenizer: PromptTokenizer
+    norm_stats: Mapping[str, NormStats]
+    norm_mode: NormMode | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm_mode is None:
+            self.norm_mode = "quantile" if self.config.variant == "pi05" else "zscore"
+        for key in ("state", "actions"):
+            if key not in self.norm_stats:
+                raise KeyError(f"norm_stats needs a {key!r} entry")
+            if self.norm_stats[key].dim > self.config.action_dim:
+                raise ValueError(f"{key} has {self.norm_stats[key].dim} dims > model action_dim {self.config.action_dim}")
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} > model vocab {self.config.vocab_size}")
+
+    @property
+    def action_dims(self) -> int:
+        return self.norm_stats["actions"].dim
+
+    def dim_mask(self) -> torch.Tensor:
+        """bool [D]: the real action dims inside the padded chunk."""
+        return torch.arange(self.config.action_dim) < self.action_dims
+
+    def normalize_state(self, state: np.ndarray) -> np.ndarray:
+        return normalize(state, self.norm_stats["state"], self.norm_mode).astype(np.float32)
+
+    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Env-unit actions [..., d] -> normalised, padded [..., D] float32."""
+        x = normalize(actions, self.norm_stats["actions"], self.norm_mode)
+        return pad_last(x, self.config.action_dim).astype(np.float32)
+
+    def unnormalize_actions(self, chunk: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Normalised padded chunk [..., D] -> env-unit actions [..., d] float32."""
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.detach().float().cpu().numpy()
+        return unnormalize(chunk, self.norm_stats["actions"], self.norm_mode).astype(np.float32)
+
+    def __call__(self, obs: Mapping) -> ModelInputs:
+        cfg = self.config
+        for key in ("images", "state", "prompt"):
+            if key not in obs:
+                raise KeyError(f"observation lacks {key!r}; it has {sorted(obs)}")
+        state = np.asarray(obs["state"], dtype=np.float32)
+        if state.ndim != 2:
+            raise ValueError(f"state must be [B, S], got shape {state.shape}")
+        b = state.shape[0]
+        prompts = list(obs["prompt"])
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
+        unknown = sorted(set(obs["images"]) - set(cfg.camera_names))
+        if unknown:
+            raise KeyError(f"unknown camera(s) {unknown}; the model has {list(cfg.camera_names)}")
+        size = cfg.vision.image_size
+        images = torch.full((b, len(cfg.camera_names), 3, size, size), -1.0)
+        image_masks = torch.zeros(b, len(cfg.camera_names), dtype=torch.bool)
+        for i, cam in enumerate(cfg.camera_names):
+            if cam in obs["images"]:
+                frames = torch.as_tensor(np.asarray(obs["images"][cam]))
+                if frames.shape[0] != b:
+                    raise ValueError(f"camera {cam!r} has {frames.shape[0]} frames for a batch of {b}")
+                images[:, i] = resize_with_pad(frames, size)
+                image_masks[:, i] = True
+        norm_state = self.normalize_state(state)
+        bins = discretize_state(norm_state, cfg.state_bins) if cfg.variant == "pi05" else None
+        tokens, token_masks = self.tokenizer(prompts, cfg.max_token_len, bins)
+        return ModelInputs(
+            images=images,
+            image_masks=image_masks,
+            tokens=tokens,
+            token_masks=token_masks,
+            state=torch.from_numpy(pad_last(norm_state, cfg.action_dim)),
+        )
+
+
+def build_test_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) -> PromptTokenizer:
+    """Trains a tiny SentencePiece model in milliseconds (tests have no PaliGemma tokenizer here)."""
+    import sentencepiece
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = [
+        "pick up the red cube and lift it",
+        "push the cube to the goal region",
+        "stack the red cube on top of the green cube",
+        "pull the cube towards the robot",
+        "lift the peg upright",
+        "insert the peg into the hole on the side",
+        "plug the charger into the wall receptacle",
+        "put the black bowl on the plate",
+        "Task: open the drawer, State: 0 1 2 3 4 5 6 7 8 9 10 128 255;\nAction: ",
+    ] * 20
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=2,
+        eos_id=1,
+        pad_id=0,
+        unk_id=3,
+        minloglevel=2,
+    )
+    return PromptTokenizer(directory)

@@ -124,9 +124,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from a safetensors file without reading any tensor data."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    """Tensor names and shapes from a safetensors file's JSON header; no tensor byte is read.
+
+    Layout: 8-byte little-endian header length, then the JSON header {name: {dtype, shape, offsets}}.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size <= 0 or size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {size})")
+        header = json.loads(f.read(size))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _plan(header: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], source: Path):

@@ -135,9 +135,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         where = f" in {path}" if path else ""
         raise KeyError(f"unknown config key(s){where}: {unknown}; valid keys: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
-    defaults = cls()  # type: ignore[call-arg]
     for name, value in data.items():
-        current = getattr(defaults, name)
+        field = fields[name]
+        if field.default is not dataclasses.MISSING:
+            current = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            current = field.default_factory()  # type: ignore[misc]
+        else:
+            current = None
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             # Nested configs start from the field's own default, so partial overrides work.
             merged = {**dataclasses.asdict(current), **value}
@@ -163,7 +168,7 @@ def tiny(variant: Variant = "pi0") -> ModelConfig:
         vocab_size=512,
         action_horizon=10,
         action_dim=8,
-        max_token_len=16 if variant == "pi0" else 32,
+        max_token_len=16 if variant == "pi0" else 48,
         camera_names=("base_0_rgb", "wrist_0_rgb"),
         num_steps=10,
     )

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vla.backbone import KVCache, PaliGemmaWithExpert, Stream, block_attention
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+from vla.backbone import AdaptiveRMSNorm, KVCache, PaliGemmaWithExpert, Stream, block_attention
 from vla.config import ModelConfig
 from vla.inputs import ModelInputs
 
@@ -120,8 +122,8 @@ class FlowPolicy(nn.Module):
     def to_mixed_precision(self, dtype: torch.dtype = torch.bfloat16) -> "FlowPolicy":
         """Casts weights to `dtype` but keeps every norm (plain and adaptive) in float32."""
         self.to(dtype)
-        for name, module in self.named_modules():
-            if name.endswith(("layernorm", ".norm")) or type(module).__name__ in ("GemmaRMSNorm", "AdaptiveRMSNorm"):
+        for module in self.modules():
+            if isinstance(module, GemmaRMSNorm | AdaptiveRMSNorm):
                 module.float()
         return self
 

@@ -287,6 +287,10 @@ def build_test_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) ->
         eos_id=1,
         pad_id=0,
         unk_id=3,
+        # As PaliGemma's tokenizer: no whitespace folding and no dummy prefix, so "\n" survives.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
         minloglevel=2,
     )
     return PromptTokenizer(directory)

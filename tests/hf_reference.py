@@ -31,7 +31,7 @@ def hf_pi0_config(cfg: ModelConfig):
             "num_attention_heads": e.num_heads, "num_key_value_heads": e.num_kv_heads, "head_dim": e.head_dim,
         },
         chunk_size=cfg.action_horizon,
-        max_state_dim=cfg.action_dim,
+        max_state_dim=cfg.state_width,
         max_action_dim=cfg.action_dim,
         num_inference_steps=cfg.num_steps,
     )

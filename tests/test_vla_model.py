@@ -276,3 +276,13 @@ def test_configs_are_typed_and_strict():
     with pytest.raises(ValueError, match="shared attention"):
         ModelConfig(expert=tiny().expert)
     assert ModelConfig.from_dict(get_config("pi05").to_dict()) == get_config("pi05")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_pi05", "pi0", "pi05"])
+def test_model_yaml_configs_equal_the_presets(name):
+    from pathlib import Path
+
+    from vla.config import load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
+    assert load_yaml(str(path)) == get_config(name)

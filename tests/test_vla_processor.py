@@ -121,5 +121,17 @@ def test_processor_rejects_bad_observations(tokenizer):
         proc({**good, "prompt": ["a", "b"]})
     with pytest.raises(ValueError, match="does not match"):
         proc({**good, "state": np.zeros((1, 4), np.float32)})
-    with pytest.raises(ValueError, match="action_dim"):
+    with pytest.raises(ValueError, match="padded width"):
         Processor(tiny(), proc.tokenizer, {"state": proc.norm_stats["state"], "actions": NormStats.from_data(np.zeros((3, 12)))})
+
+
+def test_camera_map_routes_env_cameras(tokenizer):
+    rng = np.random.default_rng(4)
+    proc = Processor(tiny(), tokenizer, _stats(rng), camera_map={"wrist_0_rgb": "hand_camera"})
+    frames = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    inputs = proc({"images": {"hand_camera": frames, "other": frames}, "state": np.zeros((1, 6), np.float32),
+                   "prompt": ["push"]})
+    assert inputs.image_masks.tolist() == [[False, True]]
+    torch.testing.assert_close(inputs.images[0, 1], resize_with_pad(torch.from_numpy(frames), 32)[0])
+    with pytest.raises(KeyError, match="camera_map names"):
+        Processor(tiny(), tokenizer, _stats(rng), camera_map={"nope": "hand_camera"})

@@ -182,8 +182,13 @@ def save_policy(
     norm_stats: Mapping[str, NormStats] | None = None,
     extra_modules: Mapping[str, torch.nn.Module] | None = None,
     metadata: Mapping | None = None,
+    tokenizer_file: str | os.PathLike | None = None,
 ) -> Path:
-    """Writes a pirl checkpoint directory atomically (float32 weights are kept bit for bit)."""
+    """Writes a pirl checkpoint directory atomically (float32 weights are kept bit for bit).
+
+    tokenizer_file: a SentencePiece model copied in as `tokenizer.model`, so the directory is a
+    self-contained policy (`tokenizer_path` finds it).
+    """
     path = Path(path)
     extra_modules = dict(extra_modules or {})
     for name in extra_modules:
@@ -197,6 +202,8 @@ def save_policy(
             save_file(sd, str(tmp / f"{name}.safetensors"))
         if norm_stats is not None:
             save_norm_stats(norm_stats, tmp / "norm_stats.json")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -206,6 +213,16 @@ def save_policy(
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path | None:
+    """The checkpoint's own tokenizer.model, if it carries one."""
+    file = Path(path) / "tokenizer.model"
+    return file if file.exists() else None
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "config.json").read_text()).get("metadata", {})
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

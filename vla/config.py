@@ -60,7 +60,8 @@ class ModelConfig:
         the state into `state_bins` bins inside the prompt and conditions the expert on time through
         adaptive RMSNorm (scale, shift, gate) in every expert norm.
     action_horizon: H, actions predicted per chunk.
-    action_dim: D, padded action (and, for π0, state) width the projections expect.
+    action_dim: D, padded action width the projections expect.
+    state_dim: padded state width (None = action_dim, as openpi's 32/32).
     max_token_len: prompt length in tokens (48 for π0, 200 for π0.5 which also carries the state).
     camera_names: camera slots, in the order their image tokens enter the prefix.
     num_steps: K, Euler denoising steps at inference.
@@ -73,6 +74,7 @@ class ModelConfig:
     vocab_size: int = 257_152
     action_horizon: int = 50
     action_dim: int = 32
+    state_dim: int | None = None
     max_token_len: int = 48
     camera_names: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
     num_steps: int = 10
@@ -103,6 +105,10 @@ class ModelConfig:
         for name in ("action_horizon", "action_dim", "max_token_len", "num_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def state_width(self) -> int:
+        return self.action_dim if self.state_dim is None else self.state_dim
 
     @property
     def prefix_len(self) -> int:
@@ -168,7 +174,7 @@ def tiny(variant: Variant = "pi0") -> ModelConfig:
         vocab_size=512,
         action_horizon=10,
         action_dim=8,
-        max_token_len=16 if variant == "pi0" else 48,
+        max_token_len=32 if variant == "pi0" else 48,
         camera_names=("base_0_rgb", "wrist_0_rgb"),
         num_steps=10,
     )
@@ -197,3 +203,11 @@ def get_config(name: str) -> ModelConfig:
         return PRESETS[name]()
     except KeyError:
         raise KeyError(f"unknown model config {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def load_yaml(path: str) -> ModelConfig:
+    """A model config from a YAML file of ModelConfig fields (configs/model/*.yaml); strict keys."""
+    import yaml
+
+    with open(path) as f:
+        return ModelConfig.from_dict(yaml.safe_load(f))

@@ -16,7 +16,7 @@ class ModelInputs:
     image_masks: bool [B, n_cams], False for a camera that is missing in that sample.
     tokens: long [B, L] prompt tokens (π0.5: the discretised state is inside the prompt).
     token_masks: bool [B, L], False on padding.
-    state: float [B, action_dim] normalised, zero-padded state (π0 feeds it to the expert).
+    state: float [B, state width] normalised, zero-padded state (π0 feeds it to the expert).
     """
 
     images: Tensor

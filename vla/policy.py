@@ -106,7 +106,7 @@ class FlowPolicy(nn.Module):
             self.time_mlp_in = nn.Linear(width, width)
             self.time_mlp_out = nn.Linear(width, width)
         else:
-            self.state_proj = nn.Linear(dim, width)
+            self.state_proj = nn.Linear(config.state_width, width)
             self.action_time_mlp_in = nn.Linear(2 * width, width)
             self.action_time_mlp_out = nn.Linear(width, width)
         # π0.5 suffix: H action tokens in one block. π0: the state token (block 1), then actions (2).
@@ -130,7 +130,7 @@ class FlowPolicy(nn.Module):
     # -- prefix ---------------------------------------------------------------------------------
     def _embed_prefix_tokens(self, inputs: ModelInputs) -> tuple[Tensor, Tensor]:
         cfg = self.config
-        inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.action_dim)
+        inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.state_width)
         b, n_cams = inputs.image_masks.shape
         backbone = self.paligemma_with_expert
         images = backbone.embed_images(inputs.images.flatten(0, 1))  # [B*n, T, W]

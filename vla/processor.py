@@ -182,21 +182,29 @@ class Processor:
 
     norm_stats: {"state": NormStats, "actions": NormStats}; their widths are the env's real dims.
     norm_mode: defaults to z-score for π0 and quantile for π0.5.
+    camera_map: model camera name -> observation image key (e.g. {"base_0_rgb": "base_camera"}).
+        None means the observation already uses the model's camera names (unknown ones are errors);
+        with a map, observation cameras it does not name are ignored.
     """
 
     config: ModelConfig
     tokenizer: PromptTokenizer
     norm_stats: Mapping[str, NormStats]
     norm_mode: NormMode | None = None
+    camera_map: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.norm_mode is None:
             self.norm_mode = "quantile" if self.config.variant == "pi05" else "zscore"
-        for key in ("state", "actions"):
+        for key, width in (("state", self.config.state_width), ("actions", self.config.action_dim)):
             if key not in self.norm_stats:
                 raise KeyError(f"norm_stats needs a {key!r} entry")
-            if self.norm_stats[key].dim > self.config.action_dim:
-                raise ValueError(f"{key} has {self.norm_stats[key].dim} dims > model action_dim {self.config.action_dim}")
+            if self.norm_stats[key].dim > width:
+                raise ValueError(f"{key} has {self.norm_stats[key].dim} dims > the model's padded width {width}")
+        if self.camera_map is not None:
+            unknown = sorted(set(self.camera_map) - set(self.config.camera_names))
+            if unknown:
+                raise KeyError(f"camera_map names {unknown}, which the model lacks ({list(self.config.camera_names)})")
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} > model vocab {self.config.vocab_size}")
 
@@ -234,15 +242,20 @@ class Processor:
         prompts = list(obs["prompt"])
         if len(prompts) != b:
             raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
-        unknown = sorted(set(obs["images"]) - set(cfg.camera_names))
-        if unknown:
-            raise KeyError(f"unknown camera(s) {unknown}; the model has {list(cfg.camera_names)}")
+        if self.camera_map is None:
+            unknown = sorted(set(obs["images"]) - set(cfg.camera_names))
+            if unknown:
+                raise KeyError(f"unknown camera(s) {unknown}; the model has {list(cfg.camera_names)}")
+            sources = {cam: cam for cam in cfg.camera_names}
+        else:
+            sources = dict(self.camera_map)
         size = cfg.vision.image_size
         images = torch.full((b, len(cfg.camera_names), 3, size, size), -1.0)
         image_masks = torch.zeros(b, len(cfg.camera_names), dtype=torch.bool)
         for i, cam in enumerate(cfg.camera_names):
-            if cam in obs["images"]:
-                frames = torch.as_tensor(np.asarray(obs["images"][cam]))
+            key = sources.get(cam)
+            if key is not None and key in obs["images"]:
+                frames = torch.as_tensor(np.asarray(obs["images"][key]))
                 if frames.shape[0] != b:
                     raise ValueError(f"camera {cam!r} has {frames.shape[0]} frames for a batch of {b}")
                 images[:, i] = resize_with_pad(frames, size)
@@ -255,12 +268,16 @@ class Processor:
             image_masks=image_masks,
             tokens=tokens,
             token_masks=token_masks,
-            state=torch.from_numpy(pad_last(norm_state, cfg.action_dim)),
+            state=torch.from_numpy(pad_last(norm_state, cfg.state_width)),
         )
 
 
-def build_test_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) -> PromptTokenizer:
-    """Trains a tiny SentencePiece model in milliseconds (tests have no PaliGemma tokenizer here)."""
+def build_test_tokenizer(directory: str | os.PathLike, vocab_size: int = 400,
+                         extra_corpus: Sequence[str] = ()) -> PromptTokenizer:
+    """Trains a tiny SentencePiece model in milliseconds (tests have no PaliGemma tokenizer here).
+
+    extra_corpus: more text (e.g. the task prompts) so those prompts tokenise into few pieces.
+    """
     import sentencepiece
 
     directory = Path(directory)
@@ -275,6 +292,7 @@ def build_test_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) ->
         "plug the charger into the wall receptacle",
         "put the black bowl on the plate",
         "Task: open the drawer, State: 0 1 2 3 4 5 6 7 8 9 10 128 255;\nAction: ",
+        *extra_corpus,
     ] * 20
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),

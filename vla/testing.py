@@ -42,5 +42,5 @@ def random_inputs(policy: FlowPolicy, batch_size: int, seed: int = 0, pad_tokens
         image_masks=image_masks,
         tokens=torch.randint(1, cfg.vocab_size, (batch_size, cfg.max_token_len), generator=g) * token_masks,
         token_masks=token_masks,
-        state=torch.randn(batch_size, cfg.action_dim, generator=g),
+        state=torch.randn(batch_size, cfg.state_width, generator=g),
     )

@@ -1,0 +1,53 @@
+"""PPO value heads on the policy's own features (METHODS.md §4).
+
+π0 reads the action expert: its action tokens' final hidden states, mean-pooled, from the expert pass
+at the chain's first denoising step (x_0 = the stored initial noise, t = 1). π0.5 reads the VLM prefix,
+mean-pooled over valid tokens. Both inputs are recomputed identically at training from the stored
+chain, so the value at rollout and at training is the same function (RLinf computes them differently).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vla.policy import FlowPolicy, Prefix
+
+
+class ValueHead(nn.Module):
+    """MLP [features] -> scalar value. `source` says which policy features it reads."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (256, 128), source: str = "expert"):
+        super().__init__()
+        if source not in ("expert", "prefix"):
+            raise ValueError(f"value source must be 'expert' or 'prefix', got {source!r}")
+        self.source = source
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.Tanh()]
+            width = h
+        last = nn.Linear(width, 1)
+        nn.init.zeros_(last.weight)  # start at V = 0: no arbitrary first-iteration value errors
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(*layers, last)
+
+    @classmethod
+    def for_policy(cls, policy: FlowPolicy, hidden: tuple[int, ...] = (256, 128)) -> "ValueHead":
+        cfg = policy.config
+        if cfg.variant == "pi05":
+            return cls(cfg.vlm.width, hidden, source="prefix")
+        return cls(cfg.expert.width, hidden, source="expert")
+
+    def features(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor) -> Tensor:
+        if self.source == "prefix":
+            return prefix.pooled()
+        ones = torch.ones(initial_noise.shape[0], device=initial_noise.device)
+        return policy.expert_forward(prefix, initial_noise, ones).pooled()
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.mlp(features.float()).squeeze(-1)
+
+    def value(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor) -> Tensor:
+        """V(obs) [B]; `initial_noise` is the chain's x_0 (used by the π0 expert-feature source)."""
+        return self(self.features(policy, prefix, initial_noise))

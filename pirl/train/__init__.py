@@ -1,0 +1,1 @@
+"""Trainers: SFT (behaviour cloning), RL (PPO / GRPO), evaluation, checkpoints and logging."""

@@ -1,0 +1,77 @@
+"""Pieces shared by the SFT, RL and evaluation entry points."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla.checkpoint import load_policy, tokenizer_path
+from vla.config import ModelConfig, PRESETS, get_config, load_yaml
+from vla.policy import FlowPolicy
+from vla.processor import NormStats, Processor, PromptTokenizer, build_test_tokenizer
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_CHOICES = ("all", "expert")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model_config(spec: str) -> ModelConfig:
+    """A preset name (tiny, tiny_pi05, pi0, pi05) or a path to a model YAML."""
+    if spec in PRESETS:
+        return get_config(spec)
+    if os.path.exists(spec):
+        return load_yaml(spec)
+    raise ValueError(f"model {spec!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
+
+
+def trainable_parameters(policy: FlowPolicy, which: str) -> list[torch.nn.Parameter]:
+    """Sets requires_grad by policy: "all", or "expert" (VLM frozen; expert, projections train).
+
+    "expert" is πRL's default: SigLIP and the Gemma VLM decoder are frozen, the action expert, the
+    action/state/time projections (and any heads attached elsewhere) are trained.
+    """
+    if which not in TRAINABLE_CHOICES:
+        raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {which!r}")
+    for name, param in policy.named_parameters():
+        param.requires_grad_(which == "all" or not name.startswith("paligemma_with_expert.paligemma."))
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | None, out_dir: Path):
+    """Processor with norm stats computed from the dataset's raw state/actions; returns the tokenizer
+    file too, so checkpoints can carry it."""
+    stats = {
+        "state": NormStats.from_data(dataset.reader.state),
+        "actions": NormStats.from_data(dataset.reader.actions),
+    }
+    if tokenizer is None:
+        if config.vocab_size > 10_000:
+            raise ValueError("a full-size model needs tokenizer= (the PaliGemma tokenizer.model)")
+        tok = build_test_tokenizer(Path(out_dir) / "tokenizer")
+        model_file = Path(out_dir) / "tokenizer" / "tokenizer.model"
+    else:
+        tok = PromptTokenizer(tokenizer)
+        model_file = Path(tokenizer) / "tokenizer.model" if Path(tokenizer).is_dir() else Path(tokenizer)
+    return Processor(config, tok, stats), model_file
+
+
+def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[FlowPolicy, Processor]:
+    """A self-contained pirl checkpoint (weights, norm stats, tokenizer) -> policy and processor."""
+    policy, stats = load_policy(checkpoint, device=device)
+    if stats is None:
+        raise ValueError(f"{checkpoint} has no norm_stats.json; it cannot process observations")
+    tok_file = tokenizer_path(checkpoint)
+    if tok_file is None:
+        raise ValueError(f"{checkpoint} carries no tokenizer.model")
+    return policy, Processor(policy.config, PromptTokenizer(tok_file), stats)

@@ -1,0 +1,53 @@
+"""Metrics to the console, to `metrics.jsonl` in the run directory, and optionally to wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("pirl")
+
+# The columns of the console line, in order (others go to the JSONL file and wandb only).
+CONSOLE = [
+    ("iteration", "it", "{:d}"), ("env_steps_total", "steps", "{:d}"), ("success_once", "succ", "{:.2f}"),
+    ("eval_success_rate", "eval", "{:.2f}"), ("return", "ret", "{:.2f}"), ("approx_kl", "kl", "{:.4f}"),
+    ("clip_frac", "clip", "{:.2f}"), ("entropy", "ent", "{:.2f}"), ("explained_variance", "ev", "{:.2f}"),
+    ("env_steps_per_s", "sps", "{:.0f}"), ("time_rollout_s", "roll_s", "{:.1f}"), ("time_learn_s", "learn_s", "{:.1f}"),
+    ("time_sync_s", "sync_s", "{:.2f}"),
+]
+
+
+class MetricLogger:
+    def __init__(self, out_dir: Path, use_wandb: bool = False, project: str = "pirl", config: dict | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.env_steps_total = 0
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project=project, dir=str(out_dir), config=config or {})
+
+    def log(self, record: dict) -> None:
+        self.env_steps_total += int(record.get("env_steps", 0))
+        record = {**record, "env_steps_total": self.env_steps_total}
+        self.file.write(json.dumps(record, default=float) + "\n")
+        self.file.flush()
+        parts = []
+        for key, short, fmt in CONSOLE:
+            value = record.get(key)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            parts.append(f"{short} {fmt.format(int(value) if fmt == '{:d}' else value)}")
+        log.info(" | ".join(parts))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=self.env_steps_total)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

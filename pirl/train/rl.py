@@ -1,0 +1,398 @@
+"""Online RL fine-tuning (PPO or GRPO) of a flow VLA policy: the main job of pirl.
+
+The loop, top to bottom (DESIGN.md "One RL iteration"):
+
+    for iteration in range(start, run.iterations):
+        1. weights (trainable parameters, versioned) go from the learners to every rollout worker
+        2. each worker resets its envs (seeded by iteration) and collects `run.num_chunks` chunks
+           with the stochastic sampler (Flow-SDE or Flow-Noise) -> TrajectoryBatch
+        3. advantages: chunk-level GAE (PPO) or group-relative success (GRPO)
+        4. PPO epochs over minibatches on the learner group (DeepSpeed ZeRO, or one process)
+        5. log; evaluate (ODE sampling, fixed seeds) and checkpoint on schedule
+
+Roles are placed by `cluster`: `use_ray=false` runs everything in this process (debugging, tests);
+`use_ray=true` runs Ray rollout workers and a DeepSpeed learner group, collocated or disaggregated.
+Envs are reset at the start of every iteration with seeds derived from (seed, iteration, worker), so an
+iteration is a function of the weights and its number alone: a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
+from pirl.config import load_section
+from pirl.train.batch import TrajectoryBatch
+from pirl.train.common import set_seed, trainable_parameters
+from pirl.train.logger import MetricLogger
+from pirl.train.rl_core import (
+    Agent,
+    LocalLearner,
+    OptimConfig,
+    SamplerConfig,
+    collect_rollout,
+    compute_advantages,
+    evaluate,
+    grpo_episode_advantages,
+    ppo_update,
+)
+from vla.checkpoint import atomic_directory, load_policy, read_metadata, save_policy, tokenizer_path
+from vla.processor import Processor, PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to train, for how long, where results go."""
+
+    init_checkpoint: str = ""
+    """A pirl policy directory (weights, norm stats, tokenizer), e.g. from `pirl sft`."""
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    iterations: int = 20
+    num_chunks: int = 16
+    """Chunk steps each env takes per iteration (the rollout length T)."""
+    n_exec: int = 5
+    """Actions executed per chunk (of the predicted horizon H)."""
+    camera_map: dict = dataclasses.field(default_factory=dict)
+    """Model camera name -> env camera name; unmapped model cameras are fed as missing."""
+    eval_every: int = 5
+    eval_episodes: int = 16
+    eval_seed: int = 10_000
+    checkpoint_every: int = 5
+    output_dir: str = "runs/rl"
+    seed: int = 0
+    resume: str | None = None
+    """A checkpoint directory written by this trainer (`.../checkpoints/iter_XXXXXX`) to continue from."""
+    wandb: bool = False
+    wandb_project: str = "pirl"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Where the roles run."""
+
+    use_ray: bool = False
+    num_rollout_workers: int = 1
+    envs_per_worker: int = 4
+    num_learners: int = 1
+    zero_stage: int = 0
+    placement: Literal["collocated", "disaggregated"] = "collocated"
+    worker_cpus: float = 0.25
+    learner_cpus: float = 0.25
+    worker_gpus: float = 0.0
+    learner_gpus: float = 0.0
+    device: str = "cpu"
+    ray_address: str | None = None
+    """Connect to a running cluster (`ray start --head` / SLURM launcher); None starts a local one."""
+    worker_call_timeout_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    run: RunConfig = RunConfig()
+    env: dict = dataclasses.field(default_factory=dict)
+    """Simulator config: `simulator: maniskill | libero` plus that adapter's fields."""
+    sampler: SamplerConfig = SamplerConfig()
+    optim: OptimConfig = OptimConfig()
+    gae: GAEConfig = GAEConfig()
+    ppo: PPOConfig = PPOConfig()
+    value: ValueLossConfig = ValueLossConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RLConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise KeyError(f"unknown config section(s) {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        types = {"run": RunConfig, "sampler": SamplerConfig, "optim": OptimConfig, "gae": GAEConfig,
+                 "ppo": PPOConfig, "value": ValueLossConfig, "grpo": GRPOConfig, "cluster": ClusterConfig}
+        for name in sections:
+            if name == "env":
+                kwargs["env"] = dict(data.get("env") or {})
+            elif name in data:
+                kwargs[name] = load_section(types[name], data[name], f"{name}.")
+        cfg = cls(**kwargs)
+        make_env_config(cfg.env, 1, 0)  # validate the env section now, not inside a worker
+        return cfg
+
+
+# -- envs ------------------------------------------------------------------------------------------
+def make_env_config(section: dict, num_envs: int, seed: int):
+    section = dict(section)
+    simulator = section.pop("simulator", None)
+    section.update(num_envs=num_envs, seed=seed)
+    if simulator == "maniskill":
+        from envs.config import ManiSkillConfig
+
+        return simulator, ManiSkillConfig.from_dict(section)
+    if simulator == "libero":
+        from envs.config import LiberoConfig
+
+        return simulator, LiberoConfig.from_dict(section)
+    raise ValueError(f"env.simulator must be 'maniskill' or 'libero', got {simulator!r}")
+
+
+def make_env(section: dict, num_envs: int, seed: int):
+    simulator, cfg = make_env_config(section, num_envs, seed)
+    if simulator == "maniskill":
+        from envs.maniskill import make_maniskill_env
+
+        return make_maniskill_env(cfg)
+    from envs.libero import make_libero_env
+
+    return make_libero_env(cfg)
+
+
+# -- building the agent (picklable factories, run inside learners and workers) ---------------------
+EXTRA_MODULES = ("value_head", "noise_head")
+
+
+def build_agent(checkpoint: str, sampler: SamplerConfig, trainable: str, weights: str | None = None) -> Agent:
+    """Policy from `checkpoint`, heads fresh or (if `weights` is a trainer checkpoint) restored."""
+    source = weights or checkpoint
+    meta = read_metadata(source)
+    policy, _ = load_policy(source)
+    agent = Agent.build(policy, sampler)
+    stored = set(meta.get("pirl_extra_modules", []))
+    extras = {k: getattr(agent, k) for k in EXTRA_MODULES if getattr(agent, k) is not None and k in stored}
+    if extras:
+        load_policy(source, extra_modules=extras)
+    trainable_parameters(agent.policy, trainable)
+    for name, module in ((k, getattr(agent, k)) for k in EXTRA_MODULES):
+        if module is not None:
+            for p in module.parameters():
+                p.pirl_group = name  # read by GroupedAdamW: each head has its own learning rate
+    return agent
+
+
+class GroupedAdamW:
+    """Optimizer factory for DeepSpeed learners: AdamW with per-module learning rates.
+
+    Parameters arrive as a flat list; each was tagged `pirl_group` by `build_agent`.
+    """
+
+    def __init__(self, optim: OptimConfig):
+        self.optim = optim
+
+    def __call__(self, params) -> torch.optim.Optimizer:
+        lrs = {"policy": self.optim.policy_lr, "value_head": self.optim.value_lr,
+               "noise_head": self.optim.noise_head_lr}
+        groups: dict[str, list] = {}
+        for p in params:
+            groups.setdefault(getattr(p, "pirl_group", "policy"), []).append(p)
+        return torch.optim.AdamW([{"params": ps, "lr": lrs[g]} for g, ps in groups.items()],
+                                 betas=self.optim.betas, weight_decay=self.optim.weight_decay)
+
+
+def processor_for(checkpoint: str, camera_map: dict) -> Processor:
+    policy, stats = load_policy(checkpoint)
+    tok = tokenizer_path(checkpoint)
+    if stats is None or tok is None:
+        raise ValueError(f"{checkpoint}: a policy for RL must carry norm_stats.json and tokenizer.model")
+    return Processor(policy.config, PromptTokenizer(tok), stats, camera_map=dict(camera_map))
+
+
+def iteration_seed(base: int, iteration: int, worker: int) -> int:
+    return (base * 1_000_003 + iteration * 7_919 + worker * 104_729) % 2**31
+
+
+# -- worker-side functions (shipped to Ray workers; also run in-process) ---------------------------
+def setup_worker(worker, cfg: RLConfig) -> None:
+    worker.scratch["env"] = make_env(cfg.env, cfg.cluster.envs_per_worker, cfg.run.seed)
+    worker.scratch["processor"] = processor_for(cfg.run.init_checkpoint, cfg.run.camera_map)
+
+
+def rollout_on_worker(worker, cfg: RLConfig, iteration: int) -> TrajectoryBatch:
+    env, processor = worker.scratch["env"], worker.scratch["processor"]
+    seed = iteration_seed(cfg.run.seed, iteration, worker.index)
+    n = cfg.cluster.envs_per_worker
+    if cfg.run.algorithm == "grpo":
+        # G envs per group share a reset state: env i gets seed + i // G.
+        g = cfg.grpo.group_size
+        if n % g:
+            raise ValueError(f"GRPO needs envs_per_worker ({n}) to be a multiple of group_size ({g})")
+        obs = env.reset([seed + i // g for i in range(n)])
+    else:
+        obs = env.reset(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch, _ = collect_rollout(worker.model, processor, env, obs, cfg.run.num_chunks, cfg.run.n_exec,
+                               cfg.sampler, generator, weight_version=worker.version)
+    return batch
+
+
+def evaluate_on_worker(worker, cfg: RLConfig, episodes: int) -> dict:
+    return evaluate(worker.model, worker.scratch["processor"], worker.scratch["env"], episodes,
+                    cfg.run.n_exec, cfg.sampler.num_steps, cfg.run.eval_seed)
+
+
+class _LocalWorker:
+    """The in-process stand-in for a Ray RolloutWorker (the same `model`/`scratch`/`index` fields)."""
+
+    def __init__(self, agent: Agent, cfg: RLConfig):
+        self.index, self.model, self.version, self.scratch = 0, agent, 0, {}
+        setup_worker(self, cfg)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def save_trainer_checkpoint(path: Path, agent: Agent, processor: Processor, iteration: int, cfg: RLConfig,
+                            optimizer_state: dict | None, learners=None, history: list | None = None) -> Path:
+    """Policy bundle + heads + optimizer + iteration, written atomically (a killed run resumes)."""
+    extras = {k: getattr(agent, k) for k in EXTRA_MODULES if getattr(agent, k) is not None}
+    save_policy(path, agent.policy, processor.norm_stats, extra_modules=extras,
+                tokenizer_file=tokenizer_path(cfg.run.init_checkpoint),
+                metadata={"iteration": iteration, "pirl_extra_modules": sorted(extras),
+                          "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                          "history": history or []})
+    if optimizer_state is not None:
+        with atomic_directory(path.with_name(path.name + ".optim")) as tmp:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+    if learners is not None:
+        learners.save_checkpoint(str(path.with_name(path.name + ".deepspeed")), tag="state")
+    return path
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train(cfg: RLConfig) -> dict:
+    run, cluster = cfg.run, cfg.cluster
+    if not run.init_checkpoint:
+        raise ValueError("run.init_checkpoint is required: a pirl policy directory (e.g. from `pirl sft`)")
+    set_seed(run.seed)
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    start_iteration, history = 0, []
+    weights_source = None
+    if run.resume:
+        meta = read_metadata(run.resume)
+        start_iteration, history = int(meta["iteration"]) + 1, list(meta.get("history", []))
+        weights_source = run.resume
+        log.info("resuming from %s at iteration %d", run.resume, start_iteration)
+    factory = functools.partial(build_agent, run.init_checkpoint, cfg.sampler, cfg.optim.trainable, weights_source)
+    host_agent = factory()  # the driver's copy: checkpoints and the local path
+    processor = processor_for(run.init_checkpoint, run.camera_map)
+    logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg))
+
+    if cluster.use_ray:
+        pool, learners = _start_ray(cfg, factory, weights_source)
+        train_step = learners.train_step
+    else:
+        optimizer = GroupedAdamW(cfg.optim)([p for p in host_agent.parameters() if p.requires_grad])
+        if weights_source and Path(weights_source + ".optim").exists():
+            optimizer.load_state_dict(torch.load(Path(weights_source + ".optim") / "optimizer.pt"))
+        learner = LocalLearner(host_agent, optimizer, cfg.optim.max_grad_norm)
+        worker = _LocalWorker(host_agent, cfg)
+        train_step = learner.train_step
+
+    try:
+        for iteration in range(start_iteration, run.iterations):
+            t0 = time.perf_counter()
+            # 1. weight sync (the local worker shares the learner's module: nothing to move)
+            if cluster.use_ray:
+                version = pool.sync(learners.snapshot_ref())
+            t1 = time.perf_counter()
+            # 2. rollouts
+            if cluster.use_ray:
+                batch = TrajectoryBatch.cat_envs(pool.map(rollout_on_worker, cfg, iteration))
+            else:
+                batch = rollout_on_worker(worker, cfg, iteration)
+            t2 = time.perf_counter()
+            # 3. advantages
+            valid = None
+            if run.algorithm == "grpo":
+                advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
+                returns = advantages
+            else:
+                advantages, returns = compute_advantages(batch, cfg.gae)
+            # 4. PPO epochs
+            generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
+            metrics = ppo_update(host_agent, train_step, batch, advantages, returns, cfg.sampler, cfg.optim,
+                                 cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
+            t3 = time.perf_counter()
+            # 5. log, evaluate, checkpoint
+            ended = batch.episode_success
+            record = {
+                "iteration": iteration,
+                "env_steps": batch.env_steps,
+                "success_once": float(np.mean(ended)) if ended else float(batch.success[-1].float().mean()),
+                "episodes": len(ended),
+                "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
+                "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),
+                "reward_per_chunk": float(batch.rewards.mean()),
+                "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1, "time_learn_s": t3 - t2,
+                "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
+                **{k: v for k, v in metrics.items()},
+            }
+            if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
+                if cluster.use_ray:
+                    pool.sync(learners.snapshot_ref())
+                    result = pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
+                else:
+                    result = evaluate_on_worker(worker, cfg, run.eval_episodes)
+                record["eval_success_rate"] = result["success_rate"]
+                record["eval_return"] = result["mean_return"]
+            history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
+            logger.log(record)
+            if (iteration + 1) % run.checkpoint_every == 0 or iteration + 1 == run.iterations:
+                if cluster.use_ray:
+                    host_agent.load_state_dict(learners.get_weights(trainable_only=False), strict=False)
+                path = out / "checkpoints" / f"iter_{iteration:06d}"
+                save_trainer_checkpoint(path, host_agent, processor, iteration, cfg,
+                                        None if cluster.use_ray else optimizer.state_dict(),
+                                        learners if cluster.use_ray else None, history)
+                _point_latest(out, path)
+    finally:
+        logger.close()
+        if cluster.use_ray:
+            pool.shutdown()
+            learners.shutdown()
+        else:
+            worker.scratch["env"].close()
+    return {"history": history, "output_dir": str(out)}
+
+
+def _point_latest(out: Path, path: Path) -> None:
+    (out / "checkpoints" / "LATEST").write_text(path.name + "\n")
+
+
+def _start_ray(cfg: RLConfig, factory, weights_source: str | None):
+    import ray
+
+    from rollout.learner import LearnerConfig, LearnerGroup
+    from rollout.placement import Placement, PlacementConfig
+    from rollout.worker import WorkerPool, WorkerPoolConfig
+
+    cluster = cfg.cluster
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
+    placement = Placement.create(PlacementConfig(
+        mode=cluster.placement, num_learners=cluster.num_learners, num_workers=cluster.num_rollout_workers,
+        learner_cpus=cluster.learner_cpus, worker_cpus=cluster.worker_cpus,
+        learner_gpus=cluster.learner_gpus, worker_gpus=cluster.worker_gpus))
+    learners = LearnerGroup(
+        LearnerConfig(num_learners=cluster.num_learners, zero_stage=cluster.zero_stage,
+                      grad_clip=cfg.optim.max_grad_norm, seed=cfg.run.seed),
+        factory, GroupedAdamW(cfg.optim), placement=placement)
+    if weights_source and Path(weights_source + ".deepspeed").exists():
+        learners.load_checkpoint(weights_source + ".deepspeed", tag="state")
+    pool = WorkerPool(
+        WorkerPoolConfig(num_workers=cluster.num_rollout_workers, seed=cfg.run.seed,
+                         call_timeout_s=cluster.worker_call_timeout_s),
+        factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
+    return pool, learners

@@ -1,0 +1,416 @@
+"""The pieces of one RL iteration, as functions of (agent, data, config): no processes, no placement.
+
+    collect_rollout   envs + policy copy -> TrajectoryBatch            (runs in a rollout worker)
+    compute_advantages  GAE (PPO) or group-relative success (GRPO)     (METHODS.md §4)
+    ppo_update        PPO epochs over minibatches on one learner       (METHODS.md §2-4)
+    evaluate          ODE sampling, fixed seeds -> success table
+
+`pirl.train.rl` places these on Ray workers and DeepSpeed learners; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
+from pirl.algos.gae import gae
+from pirl.algos.grpo import grpo_advantages, grpo_filter
+from pirl.algos.ppo import approx_kl_early_stop, ppo_policy_loss, value_loss
+from pirl.algos.stats import explained_variance
+from pirl.critic.value import ValueHead
+from pirl.flow.likelihood import LogProbReduction, reduce_chain_log_prob
+from pirl.flow.noise_head import NoiseHead
+from pirl.flow.policy import chain_log_prob, sample_chain
+from pirl.flow.grid import DenoiseGrid
+from pirl.flow.steps import LearnedNoiseRule, SDERule
+from pirl.train.batch import TrajectoryBatch, stack_inputs
+from vla.policy import FlowPolicy
+from vla.processor import Processor
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How the flow policy is made stochastic for RL (METHODS.md §2-3)."""
+
+    kind: Literal["flow_sde", "flow_noise"] = "flow_sde"
+    """Flow-SDE (ODE -> SDE with the same marginals) or Flow-Noise (a learned noise head)."""
+    num_steps: int = 4
+    """K denoising steps during RL (πRL: 4 for π0, 3-5 for π0.5); evaluation uses the same K."""
+    a_noise: float = 0.5
+    """Flow-SDE noise level (RLinf 0.5; 0.3 for some π0.5 LIBERO suites)."""
+    mask: Literal["hybrid", "window", "all"] = "hybrid"
+    """Which denoising steps are stochastic: one per sample (πRL's hybrid), a window, or all."""
+    mask_low: int = 0
+    mask_high: int | None = None
+    """Hybrid/window indices are drawn uniformly from [mask_low, mask_high) (None = K)."""
+    window: int = 1
+    noise_std_min: float = 0.08
+    noise_std_max: float = 0.16
+    """Flow-Noise std bounds (πRL: 0.08-0.16)."""
+    log_prob_reduce: Literal["sum", "mean"] = "sum"
+    """Sum (exact log-likelihood) or mean over executed steps x real dims (RLinf-style scaling)."""
+    include_initial: bool = False
+    """Flow-Noise: add log N(x_0; 0, I) to the chain log-likelihood (it cancels in the ratio)."""
+    step_reduce: Literal["sum", "mean"] = "sum"
+    """Across stochastic steps: sum (joint likelihood) or mean (RLinf averages over K+1 terms)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flow_sde", "flow_noise"):
+            raise ValueError(f"sampler.kind must be flow_sde or flow_noise, got {self.kind!r}")
+        if self.num_steps < 1:
+            raise ValueError("sampler.num_steps must be >= 1")
+
+    @property
+    def reduction(self) -> LogProbReduction:
+        return LogProbReduction(reduce=self.log_prob_reduce, granularity="chunk",
+                                include_initial=self.include_initial, step_reduce=self.step_reduce)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """PPO update: epochs, minibatches, learning rates, loss weights (METHODS.md §4)."""
+
+    update_epochs: int = 4
+    minibatch_size: int = 128
+    policy_lr: float = 5e-6
+    """πRL LIBERO: 5e-6 for the action expert (the tiny CPU default uses much more)."""
+    value_lr: float = 1e-4
+    noise_head_lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    value_coef: float = 1.0
+    entropy_coef: float = 0.005
+    """Entropy bonus of the noise head (Flow-Noise only; Flow-SDE stds are fixed)."""
+    trainable: str = "expert"
+    """"expert" (πRL: VLM frozen; expert, projections, heads) or "all"."""
+
+
+class Agent(nn.Module):
+    """Everything a learner trains and a rollout worker runs: policy, value head, noise head."""
+
+    def __init__(self, policy: FlowPolicy, value_head: ValueHead, noise_head: NoiseHead | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.noise_head = noise_head
+
+    @classmethod
+    def build(cls, policy: FlowPolicy, sampler: SamplerConfig) -> "Agent":
+        noise_head = None
+        if sampler.kind == "flow_noise":
+            cfg = policy.config
+            noise_head = NoiseHead(cfg.action_dim, hidden_dim=cfg.expert.width,
+                                   std_min=sampler.noise_std_min, std_max=sampler.noise_std_max)
+        return cls(policy, ValueHead.for_policy(policy), noise_head)
+
+    def rule(self, sampler: SamplerConfig):
+        if sampler.kind == "flow_noise":
+            assert self.noise_head is not None
+            return LearnedNoiseRule(self.noise_head)
+        return SDERule(sampler.a_noise)
+
+
+def mask_exec(horizon: int, n_exec: int) -> Tensor:
+    return torch.arange(horizon) < n_exec
+
+
+@torch.no_grad()
+def act(agent: Agent, processor: Processor, obs: dict, sampler: SamplerConfig, generator: torch.Generator,
+        deterministic: bool = False):
+    """One chunk for a batch of observations: (inputs, chain, value [B], env actions [B, H, d])."""
+    inputs = processor(obs).to(next(agent.parameters()).device)
+    prefix = agent.policy.embed_prefix(inputs)
+    grid = DenoiseGrid.uniform(sampler.num_steps)
+    chain = sample_chain(
+        agent.policy, prefix=prefix, rule=agent.rule(sampler), grid=grid,
+        step_mask="none" if deterministic else sampler.mask, mask_low=sampler.mask_low,
+        mask_high=sampler.mask_high, window=sampler.window, generator=generator,
+    )
+    value = agent.value_head.value(agent.policy, prefix, chain.initial_noise)
+    return inputs, chain, value, processor.unnormalize_actions(chain.actions)
+
+
+@torch.no_grad()
+def state_value(agent: Agent, processor: Processor, obs: dict, generator: torch.Generator) -> Tensor:
+    """V(obs) for bootstrapping: prefix and value head only, with a fresh initial noise as at rollout."""
+    inputs = processor(obs).to(next(agent.parameters()).device)
+    prefix = agent.policy.embed_prefix(inputs)
+    cfg = agent.policy.config
+    noise = torch.randn(inputs.batch_size, cfg.action_horizon, cfg.action_dim, generator=generator)
+    return agent.value_head.value(agent.policy, prefix, noise.to(inputs.state.device))
+
+
+def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num_chunks: int, n_exec: int,
+                    sampler: SamplerConfig, generator: torch.Generator, weight_version: int = 0):
+    """Steps `env` for `num_chunks` chunks from `obs`; returns (TrajectoryBatch, next obs).
+
+    Truncated episodes get V(final obs) for bootstrapping; terminated ones bootstrap nothing.
+    """
+    agent.eval()
+    cfg = agent.policy.config
+    if not 1 <= n_exec <= cfg.action_horizon:
+        raise ValueError(f"n_exec must be in [1, {cfg.action_horizon}], got {n_exec}")
+    inputs_t, chains, rewards, terms, truncs, values, trunc_values, successes = [], [], [], [], [], [], [], []
+    ep_returns, ep_lengths, ep_success, env_steps = [], [], [], 0
+    for _ in range(num_chunks):
+        inputs, chain, value, actions = act(agent, processor, obs, sampler, generator)
+        obs, reward, terminated, truncated, info = env.step_chunk(actions[:, :n_exec], n_exec)
+        terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
+        tv = torch.zeros(len(reward))
+        cut = np.flatnonzero(truncated & ~terminated)
+        if len(cut):
+            final = info["final_obs"]
+            sub = {"images": {k: np.asarray(v)[cut] for k, v in final["images"].items()},
+                   "state": np.asarray(final["state"])[cut], "prompt": [final["prompt"][i] for i in cut]}
+            tv[torch.from_numpy(cut)] = state_value(agent, processor, sub, generator).cpu()
+        inputs_t.append(inputs.to("cpu"))
+        chains.append(chain.to("cpu"))
+        rewards.append(torch.as_tensor(np.asarray(reward), dtype=torch.float32))
+        terms.append(torch.from_numpy(terminated))
+        truncs.append(torch.from_numpy(truncated))
+        values.append(value.float().cpu())
+        trunc_values.append(tv)
+        successes.append(torch.as_tensor(np.asarray(info["success_once"]), dtype=torch.bool))
+        env_steps += int(np.sum(info["exec_mask"]))
+        for i in np.flatnonzero(terminated | truncated):
+            ep_returns.append(float(info["episode_return"][i]))
+            ep_lengths.append(int(info["episode_length"][i]))
+            ep_success.append(bool(info["success_once"][i]))
+    last_value = state_value(agent, processor, obs, generator).float().cpu()
+    from pirl.flow.chain import Chain
+
+    batch = TrajectoryBatch(
+        inputs=stack_inputs(inputs_t), chain=Chain.cat(chains),
+        rewards=torch.stack(rewards), terminated=torch.stack(terms), truncated=torch.stack(truncs),
+        values=torch.stack(values), truncated_values=torch.stack(trunc_values), last_value=last_value,
+        success=torch.stack(successes), episode_returns=ep_returns, episode_lengths=ep_lengths,
+        episode_success=ep_success, env_steps=env_steps, weight_version=weight_version,
+        mask_exec=mask_exec(cfg.action_horizon, n_exec), mask_dims=processor.dim_mask(),
+    )
+    return batch, obs
+
+
+def compute_advantages(batch: TrajectoryBatch, gae_cfg: GAEConfig) -> tuple[Tensor, Tensor]:
+    """Chunk-level GAE with truncation bootstrapping; returns (advantages, returns), [T, B]."""
+    return gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.last_value,
+               gamma=gae_cfg.gamma, lam=gae_cfg.lam, truncated_values=batch.truncated_values)
+
+
+def grpo_episode_advantages(batch: TrajectoryBatch, cfg: GRPOConfig) -> tuple[Tensor, Tensor]:
+    """GRPO for one rollout of whole episodes per env, envs grouped by G consecutive indices.
+
+    Each env's first episode (chunks up to and including its first end) gets the group-normalised
+    success of that episode; chunks after it and groups without signal are masked out.
+    Returns (advantages [T, B], valid mask [T, B]).
+    """
+    ended = batch.terminated | batch.truncated
+    t, b = ended.shape
+    if not bool(ended.any(0).all()):
+        raise ValueError("GRPO needs every env to finish an episode within the rollout (raise num_chunks)")
+    first_end = ended.float().argmax(0)  # [B]
+    score = batch.success[first_end, torch.arange(b)].float()
+    adv = grpo_advantages(score, cfg.group_size, eps=cfg.eps, unbiased_std=cfg.unbiased_std)
+    keep = grpo_filter(score, cfg.group_size, low=cfg.filter_low, high=cfg.filter_high)
+    valid = (torch.arange(t)[:, None] <= first_end[None, :]) & keep[None, :]
+    return adv[None, :].expand(t, b).clone(), valid
+
+
+def _minibatches(n: int, size: int, generator: torch.Generator):
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        yield order[start : start + size]
+
+
+@dataclasses.dataclass
+class PPOMinibatch:
+    """What one PPO gradient step needs; rows are (chunk step, env) samples."""
+
+    inputs: Any  # ModelInputs
+    chain: Any  # Chain
+    old_log_probs: Tensor  # [N] rollout log-probs, reduced as the sampler config says
+    advantages: Tensor  # [N]
+    returns: Tensor  # [N]
+    old_values: Tensor  # [N]
+    valid: Tensor  # [N] float 0/1 (GRPO drops chunks after an episode end and signal-less groups)
+    mask_exec: Tensor  # [H] bool
+    mask_dims: Tensor  # [D] bool
+
+    def to(self, device) -> "PPOMinibatch":
+        return PPOMinibatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+    def split(self, n: int) -> list["PPOMinibatch"]:
+        """n equal shards (one per data-parallel learner)."""
+        size = self.valid.shape[0]
+        if size % n:
+            raise ValueError(f"minibatch of {size} rows does not split into {n} learners")
+        parts = torch.arange(size).chunk(n)
+        return [PPOMinibatch(inputs=self.inputs.select(i), chain=self.chain.select(i),
+                             old_log_probs=self.old_log_probs[i], advantages=self.advantages[i],
+                             returns=self.returns[i], old_values=self.old_values[i], valid=self.valid[i],
+                             mask_exec=self.mask_exec, mask_dims=self.mask_dims) for i in parts]
+
+
+def ppo_minibatches(batch: TrajectoryBatch, advantages: Tensor, returns: Tensor, sampler: SamplerConfig,
+                    size: int, generator: torch.Generator, valid: Tensor | None = None):
+    """One epoch of shuffled minibatches (the last, smaller one is dropped unless it is the only one)."""
+    n = batch.rewards.numel()
+    old_logp = reduce_chain_log_prob(batch.chain, sampler.reduction, mask_exec=batch.mask_exec,
+                                     mask_dims=batch.mask_dims)
+    flat_valid = torch.ones(n) if valid is None else valid.reshape(n).float()
+    for idx in _minibatches(n, size, generator):
+        if len(idx) < size and n >= size:
+            continue
+        yield PPOMinibatch(inputs=batch.inputs.select(idx), chain=batch.chain.select(idx),
+                           old_log_probs=old_logp[idx], advantages=advantages.reshape(n)[idx],
+                           returns=returns.reshape(n)[idx], old_values=batch.values.reshape(n)[idx],
+                           valid=flat_valid[idx], mask_exec=batch.mask_exec, mask_dims=batch.mask_dims)
+
+
+def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: OptimConfig, ppo: PPOConfig,
+             value_cfg: ValueLossConfig, use_value: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO loss of one minibatch (METHODS.md §2-4): clipped surrogate on the chain log-prob of
+    the stochastic steps only, value loss, and (Flow-Noise) the noise head's entropy bonus.
+
+    The prefix is recomputed without gradient when the VLM is frozen. Same function on one process
+    or inside every DeepSpeed learner rank.
+    """
+    policy = agent.policy
+    vlm_frozen = not any(p.requires_grad for p in policy.paligemma_with_expert.paligemma.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not vlm_frozen):
+        prefix = policy.embed_prefix(mb.inputs)
+    lp = chain_log_prob(policy, None, mb.chain, agent.rule(sampler), sampler.reduction, prefix=prefix,
+                        mask_exec=mb.mask_exec, mask_dims=mb.mask_dims)
+    pi_loss, metrics = ppo_policy_loss(lp.log_prob, mb.old_log_probs, mb.advantages, mb.valid,
+                                       clip_eps=ppo.clip_eps, dual_clip=ppo.dual_clip,
+                                       normalize_advantages=ppo.normalize_advantages, adv_norm_eps=ppo.adv_norm_eps)
+    loss = pi_loss
+    metrics = {**metrics, "policy_loss": pi_loss.detach(),
+               "log_ratio_max_abs": (lp.log_prob.detach() - mb.old_log_probs).abs().max()}
+    if use_value:
+        v = agent.value_head.value(policy, prefix, mb.chain.initial_noise)
+        v_loss, v_metrics = value_loss(v, mb.old_values, mb.returns, mb.valid, loss_type=value_cfg.loss_type,
+                                       huber_delta=value_cfg.huber_delta, clip_eps=value_cfg.clip_eps)
+        loss = loss + optim.value_coef * v_loss
+        metrics = {**metrics, **v_metrics, "value_loss": v_loss.detach()}
+    entropy = (lp.entropy * mb.valid).sum() / mb.valid.sum().clamp_min(1.0)
+    if sampler.kind == "flow_noise":
+        loss = loss - optim.entropy_coef * entropy
+    metrics["entropy"] = entropy.detach()
+    return loss, metrics
+
+
+def ppo_update(
+    agent: Agent,
+    train_step,
+    batch: TrajectoryBatch,
+    advantages: Tensor,
+    returns: Tensor,
+    sampler: SamplerConfig,
+    optim: OptimConfig,
+    ppo: PPOConfig,
+    value_cfg: ValueLossConfig,
+    generator: torch.Generator,
+    valid: Tensor | None = None,
+    use_value: bool = True,
+) -> dict[str, float]:
+    """PPO epochs (METHODS.md §4): `train_step(minibatch, loss_fn) -> metrics` takes one optimizer
+    step (a `LocalLearner` or a DeepSpeed `LearnerGroup`). Stops early on approx-KL > target_kl.
+
+    `first_log_ratio` is the largest |new - old| log-prob of the first minibatch, under the weights
+    the chains were sampled with: it must be ~0 (METHODS.md §6), else rollout and training disagree.
+    """
+    import functools
+
+    loss_fn = functools.partial(ppo_loss, sampler=sampler, optim=optim, ppo=ppo, value_cfg=value_cfg,
+                                use_value=use_value)
+    sums: dict[str, list[float]] = {}
+    first_log_ratio = None
+    epochs_run = 0
+    for _epoch in range(optim.update_epochs):
+        epochs_run += 1
+        stop = False
+        for mb in ppo_minibatches(batch, advantages, returns, sampler, optim.minibatch_size, generator, valid):
+            metrics = train_step(mb, loss_fn)
+            if first_log_ratio is None:
+                first_log_ratio = metrics.get("log_ratio_max_abs", float("nan"))
+            for k, v in metrics.items():
+                sums.setdefault(k, []).append(float(v))
+            if approx_kl_early_stop(metrics["approx_kl"], ppo.target_kl):
+                stop = True
+                break
+        if stop:
+            break
+    out = {k: float(np.mean(v)) for k, v in sums.items() if k not in ("version", "log_ratio_max_abs")}
+    out["first_log_ratio"] = float(first_log_ratio) if first_log_ratio is not None else float("nan")
+    out["epochs_run"] = epochs_run
+    if use_value:
+        out["explained_variance"] = float(explained_variance(batch.values.reshape(-1), returns.reshape(-1)))
+    return out
+
+
+class LocalLearner:
+    """A one-process stand-in for `rollout.LearnerGroup` (same `train_step` contract)."""
+
+    def __init__(self, agent: Agent, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.agent, self.optimizer, self.max_grad_norm = agent, optimizer, max_grad_norm
+        self.version = 0
+
+    def train_step(self, mb: PPOMinibatch, loss_fn) -> dict[str, float]:
+        self.agent.train()
+        device = next(self.agent.parameters()).device
+        loss, metrics = loss_fn(self.agent, mb.to(device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.version += 1
+        return {"loss": float(loss), "grad_norm": float(grad_norm), **{k: float(v) for k, v in metrics.items()}}
+
+
+def make_optimizer(agent: Agent, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with separate learning rates for the policy, the value head and the noise head."""
+    from pirl.train.common import trainable_parameters
+
+    groups = [{"params": trainable_parameters(agent.policy, optim.trainable), "lr": optim.policy_lr}]
+    groups.append({"params": list(agent.value_head.parameters()), "lr": optim.value_lr})
+    if agent.noise_head is not None:
+        groups.append({"params": list(agent.noise_head.parameters()), "lr": optim.noise_head_lr})
+    return torch.optim.AdamW(groups, betas=optim.betas, weight_decay=optim.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec: int, num_steps: int,
+             seed: int, max_chunks: int = 10_000) -> dict[str, Any]:
+    """Deterministic (ODE) evaluation on fixed seeds: each env runs until `episodes` have finished."""
+    agent.eval()
+    obs = env.reset(seed)
+    generator = torch.Generator().manual_seed(seed)
+    done_eps: list[dict] = []
+    device = next(agent.parameters()).device
+    for _ in range(max_chunks):
+        if len(done_eps) >= episodes:
+            break
+        inputs = processor(obs).to(device)
+        noise = torch.randn(inputs.batch_size, agent.policy.config.action_horizon, agent.policy.config.action_dim,
+                            generator=generator).to(device)
+        chunk = agent.policy.sample_actions(inputs, noise=noise, num_steps=num_steps)
+        obs, reward, terminated, truncated, info = env.step_chunk(processor.unnormalize_actions(chunk)[:, :n_exec], n_exec)
+        for i in np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)):
+            done_eps.append({"success": bool(info["success_once"][i]), "return": float(info["episode_return"][i]),
+                             "length": int(info["episode_length"][i])})
+    done_eps = done_eps[:episodes]
+    return {
+        "episodes": len(done_eps),
+        "success_rate": float(np.mean([e["success"] for e in done_eps])) if done_eps else 0.0,
+        "mean_return": float(np.mean([e["return"] for e in done_eps])) if done_eps else 0.0,
+        "mean_length": float(np.mean([e["length"] for e in done_eps])) if done_eps else 0.0,
+        "per_episode": done_eps,
+    }

@@ -1,0 +1,79 @@
+"""Hyperparameters of the pure functions in ``pirl.algos``, as frozen dataclasses (METHODS.md §4).
+
+Each field is one hyperparameter with its default from METHODS.md §4. Build them from YAML/dicts with
+:func:`from_dict`, which rejects unknown keys (a misspelt key is an error, never silently ignored).
+The functions themselves take plain keyword arguments, so ``gae(..., **asdict(cfg))`` works.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GAEConfig:
+    """Chunk-level GAE (METHODS.md §4). One step = one action chunk."""
+
+    gamma: float = 0.99
+    """Discount per chunk step."""
+    lam: float = 0.95
+    """GAE lambda: 0 = one-step TD, 1 = Monte Carlo."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Clipped PPO policy loss on action chunks (METHODS.md §4)."""
+
+    clip_eps: float = 0.2
+    """Ratio clip: the objective is flat outside [1 - clip_eps, 1 + clip_eps]."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 (Ye et al. 2020): for negative advantages the loss is capped at c * |A|.
+    None disables it."""
+    normalize_advantages: bool = True
+    """Normalise advantages to zero mean / unit std over the valid chunks of the (mini)batch."""
+    adv_norm_eps: float = 1e-8
+    """Added to the std when normalising advantages."""
+    target_kl: float | None = None
+    """Stop the update epochs once the approx-KL of a minibatch exceeds this; None never stops."""
+
+
+@dataclass(frozen=True)
+class ValueLossConfig:
+    """Value loss with value clipping (METHODS.md §4)."""
+
+    loss_type: Literal["huber", "mse"] = "huber"
+    """Per-element error: Huber (quadratic within ``huber_delta``) or 0.5 * squared error."""
+    huber_delta: float = 10.0
+    """Huber threshold."""
+    clip_eps: float | None = 0.2
+    """Value clipping: new values are kept within old_values +- clip_eps (pessimistic max of the
+    clipped and unclipped losses). None disables it."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Group-relative advantages (METHODS.md §4)."""
+
+    group_size: int = 8
+    """G: rollouts started from the same reset state form one group."""
+    eps: float = 1e-6
+    """Added to the group std."""
+    unbiased_std: bool = False
+    """Use the unbiased (G - 1) group std instead of the population std."""
+    filter_low: float = 0.1
+    """Groups whose mean success is below this are dropped (all-fail groups carry no signal)."""
+    filter_high: float = 0.9
+    """Groups whose mean success is above this are dropped (all-success groups carry no signal)."""
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``TypeError`` naming them."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)

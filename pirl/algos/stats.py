@@ -1,0 +1,73 @@
+"""Masked statistics shared by the losses: masked mean, advantage normalisation, explained variance.
+
+A mask is a bool or 0/1 float tensor broadcastable to the data; masked-out elements contribute
+nothing to any sum, mean or variance (METHODS.md §4: masks are first-class).
+"""
+from __future__ import annotations
+
+import torch
+
+from pirl.algos.registry import register
+
+
+def _mask_like(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mask as a float tensor of exactly ``x``'s shape (all ones when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones_like(x)
+    return torch.broadcast_to(mask.to(x.dtype), x.shape)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:
+    """Sum of ``x`` over the valid elements (all dims, or ``dim``)."""
+    m = _mask_like(x, mask)
+    prod = torch.where(m > 0, x, torch.zeros_like(x))  # also drops NaN/inf at masked positions
+    return prod.sum() if dim is None else prod.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over the valid elements; 0 when nothing is valid (never NaN).
+
+    METHODS.md §4: losses are means over valid (executed, unpadded) elements only.
+    """
+    m = _mask_like(x, mask)
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    return masked_sum(x, m, dim) / count.clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor | None, unbiased: bool = False) -> torch.Tensor:
+    """Variance of ``x`` over its valid elements (population by default)."""
+    m = _mask_like(x, mask)
+    mean = masked_mean(x, m)
+    count = m.sum()
+    denom = (count - 1.0) if unbiased else count
+    return masked_sum((x - mean) ** 2, m) / denom.clamp(min=1.0)
+
+
+@register("normalize_advantages")
+def normalize_advantages(
+    advantages: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """(A - mean) / (std + eps) over the valid elements (METHODS.md §4, "advantages normalised").
+
+    Masked-out entries are returned as 0 so that they can never leak into a loss.
+    """
+    m = _mask_like(advantages, mask)
+    mean = masked_mean(advantages, m)
+    std = masked_var(advantages, m).sqrt()
+    out = (advantages - mean) / (std + eps)
+    return torch.where(m > 0, out, torch.zeros_like(out))
+
+
+@register("explained_variance")
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over valid elements (METHODS.md §4 value diagnostics).
+
+    1 = perfect value predictions, 0 = no better than a constant, < 0 = worse. NaN when the returns
+    have zero variance (undefined, as in CleanRL).
+    """
+    var_y = masked_var(returns, mask)
+    if var_y.item() == 0.0:
+        return torch.tensor(float("nan"), dtype=returns.dtype)
+    return 1.0 - masked_var(returns - values, mask) / var_y

@@ -1,0 +1,291 @@
+"""The one batched VLA env API shared by every simulator adapter.
+
+Observation (DESIGN.md contract), for a batch of B envs:
+    {"images": {camera: uint8 [B, H, W, 3]}, "state": float32 [B, S], "prompt": list[str]}
+
+`step_chunk(actions [B, H, D_pad], n_exec)` executes actions[:, :n_exec, :D] (D = the env's real
+action dims; padded dims are cut) env by env, step by step. An env whose episode ends inside the
+chunk executes nothing more; after the chunk it is reset (auto-reset) with the next seed of its
+deterministic seed sequence, and the returned observation of that env is the first observation of
+its new episode (the last one of the finished episode is in info["final_obs"]).
+
+Units: actions are in the simulator's units unless the config names a stats JSON (then the env
+un-normalises them first; see envs.dataset.NormStats).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .config import CommonEnvConfig
+from .video import VideoRecorder
+from .workers import EnvWorkerError
+
+log = logging.getLogger(__name__)
+
+
+class ActionError(ValueError):
+    """An action chunk is malformed (shape, dtype, NaN/inf); raised before the simulator sees it."""
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a model needs to know about an env (names of cameras and state dims, action size)."""
+
+    cameras: dict[str, tuple[int, int]]  # camera -> (H, W)
+    state_dim: int
+    state_names: tuple[str, ...]
+    action_dim: int
+    max_episode_steps: int
+    control_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Backend(Protocol):
+    """A set of envs that can be reset and stepped by index (a process pool, or one GPU sim)."""
+
+    num_envs: int
+
+    def env_spec(self) -> EnvSpec: ...
+    def reset_envs(self, indices: Sequence[int], seeds: Sequence[int], hard: bool = False
+                   ) -> tuple[dict, list[int]]: ...
+    def step_envs(self, indices: Sequence[int], actions: np.ndarray) -> tuple[dict, list[int]]: ...
+    def close(self) -> None: ...
+
+
+def _to_numpy(actions: Any) -> np.ndarray:
+    if hasattr(actions, "detach"):  # a torch tensor; envs/ does not import torch
+        actions = actions.detach().cpu().numpy()
+    try:
+        return np.asarray(actions, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ActionError(f"actions must be a float array [B, H, D]: {exc}") from exc
+
+
+def stack_obs(per_env: Sequence[dict], cameras: Sequence[str]) -> dict[str, Any]:
+    """List of single-env observations -> one batched observation (the contract above)."""
+    return {
+        "images": {cam: np.stack([o["images"][cam] for o in per_env]) for cam in cameras},
+        "state": np.stack([o["state"] for o in per_env]).astype(np.float32, copy=False),
+        "prompt": [o["prompt"] for o in per_env],
+    }
+
+
+class VLAEnv:
+    """Batched env over a Backend: chunked stepping, auto-reset, seeding, episode stats, video."""
+
+    def __init__(self, backend: Backend, config: CommonEnvConfig):
+        self.backend = backend
+        self.config = config
+        self.num_envs = backend.num_envs
+        self.spec: EnvSpec = backend.env_spec()
+        self._normalizer = None
+        if config.action_norm_stats is not None:
+            from .dataset import NormStats
+
+            self._normalizer = NormStats.load(config.action_norm_stats)
+            stats_dim = len(self._normalizer.stats["action"]["mean"])
+            if stats_dim < self.spec.action_dim:
+                raise ValueError(f"action stats have {stats_dim} dims, the env needs {self.spec.action_dim}")
+        self._recorders = {i: VideoRecorder(config.video_dir, i, config.video_fps)
+                           for i in config.record_video_envs}
+        self._base_seeds = np.zeros(self.num_envs, dtype=np.int64)
+        self._episode_counts = np.zeros(self.num_envs, dtype=np.int64)
+        self._obs: list[dict] | None = None
+        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
+        self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
+        self._success_once = np.zeros(self.num_envs, dtype=bool)
+        self._success = np.zeros(self.num_envs, dtype=bool)
+        self.crash_log: list[int] = []  # env indices whose worker was restarted, in order
+
+    # ---- seeding ---------------------------------------------------------------------------
+    def episode_seed(self, index: int) -> int:
+        """Seed of env `index`'s current episode: base seed + episode count * num_envs.
+
+        With distinct base seeds (seed + i) every (env, episode) gets its own seed; envs given the
+        same base seed (GRPO groups) walk the same sequence of initial states.
+        """
+        return int(self._base_seeds[index] + self._episode_counts[index] * self.num_envs)
+
+    # ---- API -------------------------------------------------------------------------------
+    def reset(self, seed: int | Sequence[int] | None = None) -> dict[str, Any]:
+        """Reset every env. seed: int (env i gets seed + i), one seed per env, or None (config)."""
+        if seed is None:
+            seed = self.config.seed
+        if np.ndim(seed) == 0:
+            seeds = int(seed) + np.arange(self.num_envs)
+        else:
+            seeds = np.asarray(seed, dtype=np.int64)
+            if seeds.shape != (self.num_envs,):
+                raise ValueError(f"reset: {len(seeds)} seeds for {self.num_envs} envs")
+        self._base_seeds = seeds.astype(np.int64)
+        self._episode_counts[:] = 0
+        for rec in self._recorders.values():
+            rec.discard()
+        indices = list(range(self.num_envs))
+        # A full reset rebuilds each scene (hard) so that an episode does not depend on what the
+        # env simulated before (PhysX keeps contact caches across cheap resets).
+        results = self._reset_indices(indices, hard=True)
+        self._obs = [results[i][0] for i in indices]
+        self._ep_return[:] = 0
+        self._ep_length[:] = 0
+        self._success_once[:] = False
+        self._success[:] = False
+        for i, rec in self._recorders.items():
+            rec.add(self._frame(self._obs[i], results[i][1]))
+        return stack_obs(self._obs, list(self.spec.cameras))
+
+    def _reset_indices(self, indices: list[int], hard: bool = False) -> dict[int, tuple[dict, dict]]:
+        seeds = [self.episode_seed(i) for i in indices]
+        hard = hard or bool(getattr(self.config, "hard_reset", False))
+        results, crashed = self.backend.reset_envs(indices, seeds, hard)
+        for _ in range(3):  # a worker that crashed during reset is rebuilt; try it again
+            if not crashed:
+                break
+            self.crash_log.extend(crashed)
+            more, crashed = self.backend.reset_envs(crashed, [self.episode_seed(i) for i in crashed], hard)
+            results.update(more)
+        if crashed:
+            raise EnvWorkerError(crashed[0], "worker crashed repeatedly during reset")
+        return results
+
+    def validate_actions(self, actions: Any, n_exec: int | None) -> tuple[np.ndarray, int]:
+        arr = _to_numpy(actions)
+        if arr.ndim != 3:
+            raise ActionError(f"actions must be [B, H, D_pad], got shape {arr.shape}")
+        batch, horizon, dims = arr.shape
+        if batch != self.num_envs:
+            raise ActionError(f"actions batch {batch} != num_envs {self.num_envs}")
+        if dims < self.spec.action_dim:
+            raise ActionError(f"actions have {dims} dims, the env needs {self.spec.action_dim}")
+        n_exec = horizon if n_exec is None else int(n_exec)
+        if not 1 <= n_exec <= horizon:
+            raise ActionError(f"n_exec={n_exec} outside [1, H={horizon}]")
+        executed = arr[:, :n_exec, : self.spec.action_dim]
+        if not np.isfinite(executed).all():
+            bad = np.argwhere(~np.isfinite(executed))[0]
+            raise ActionError(f"non-finite action at env {bad[0]}, step {bad[1]}, dim {bad[2]}")
+        if self._normalizer is not None:
+            executed = self._normalizer.unnormalize("action", executed, self.config.action_norm_mode,
+                                                    dims=self.spec.action_dim)
+        return np.ascontiguousarray(executed, dtype=np.float32), n_exec
+
+    def step_chunk(self, actions: Any, n_exec: int | None = None):
+        """Execute the first n_exec actions of each env's chunk.
+
+        Returns obs, reward [B] (sum over executed steps), terminated [B], truncated [B], info with
+        per-env arrays: success (at the last executed step), success_once (latched over the
+        episode), episode_return, episode_length (of the finished episode where done), done,
+        exec_mask [B, n_exec] (which actions were executed), crashed (worker restarted),
+        final_obs (last obs before auto-reset; equals obs where not done).
+        """
+        if self._obs is None:
+            raise RuntimeError("call reset() before step_chunk()")
+        executed, n_exec = self.validate_actions(actions, n_exec)
+        num = self.num_envs
+        reward = np.zeros(num, dtype=np.float64)
+        terminated = np.zeros(num, dtype=bool)
+        truncated = np.zeros(num, dtype=bool)
+        crashed_mask = np.zeros(num, dtype=bool)
+        exec_mask = np.zeros((num, n_exec), dtype=bool)
+        active = np.ones(num, dtype=bool)
+        for k in range(n_exec):
+            indices = np.flatnonzero(active).tolist()
+            if not indices:
+                break
+            results, crashed = self.backend.step_envs(indices, executed[indices, k])
+            for i in crashed:
+                # The episode is lost with the process: end it as truncated, keep the last obs.
+                self.crash_log.append(i)
+                crashed_mask[i] = True
+                truncated[i] = True
+                active[i] = False
+                log.warning("env %d crashed at chunk step %d; worker restarted, episode truncated", i, k)
+            for i, (obs, rew, term, trunc, info) in results.items():
+                exec_mask[i, k] = True
+                self._obs[i] = obs
+                reward[i] += rew
+                self._ep_return[i] += rew
+                self._ep_length[i] += 1
+                self._success[i] = bool(info.get("success", False))
+                self._success_once[i] |= self._success[i]
+                if i in self._recorders:
+                    self._recorders[i].add(self._frame(obs, info))
+                if term or trunc:
+                    terminated[i], truncated[i] = bool(term), bool(trunc) and not term
+                    active[i] = False
+        done = terminated | truncated
+        final_obs = stack_obs(self._obs, list(self.spec.cameras))
+        info = {
+            "success": self._success.copy(),
+            "success_once": self._success_once.copy(),
+            "episode_return": self._ep_return.copy(),
+            "episode_length": self._ep_length.copy(),
+            "done": done,
+            "exec_mask": exec_mask,
+            "crashed": crashed_mask,
+            "final_obs": final_obs,
+        }
+        done_indices = np.flatnonzero(done).tolist()
+        if done_indices:
+            for i in done_indices:
+                if i in self._recorders:
+                    self._recorders[i].finish(success=bool(self._success_once[i]))
+                self._episode_counts[i] += 1
+            results = self._reset_indices(done_indices)
+            for i in done_indices:
+                self._obs[i] = results[i][0]
+                self._ep_return[i] = 0.0
+                self._ep_length[i] = 0
+                self._success_once[i] = False
+                self._success[i] = False
+                if i in self._recorders:
+                    self._recorders[i].add(self._frame(self._obs[i], results[i][1]))
+            obs = stack_obs(self._obs, list(self.spec.cameras))
+        else:
+            obs = final_obs
+        return obs, reward.astype(np.float32), terminated, truncated, info
+
+    def _frame(self, obs: dict, info: dict) -> np.ndarray | None:
+        if "frame" in info:
+            return info["frame"]
+        if obs["images"]:
+            return next(iter(obs["images"].values()))
+        return None
+
+    def close(self) -> None:
+        for rec in self._recorders.values():
+            rec.discard()
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PoolBackend:
+    """Backend over a SubprocEnvPool of single envs (ManiSkill CPU, LIBERO)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.num_envs = pool.num_envs
+
+    def env_spec(self) -> EnvSpec:
+        return self.pool.specs[0]
+
+    def reset_envs(self, indices, seeds, hard=False):
+        return self.pool.call_many("reset", list(indices), [(int(s), bool(hard)) for s in seeds])
+
+    def step_envs(self, indices, actions):
+        return self.pool.call_many("step", list(indices), list(actions))
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,224 @@
+"""Typed, frozen env configs. Unknown keys are an error (DESIGN.md: never silently dropped)."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MANISKILL_TASKS: dict[str, str] = {
+    # Language instructions for the ManiSkill3 tasks that need no asset download.
+    "PickCube-v1": "pick up the red cube and move it to the goal position",
+    "PushCube-v1": "push the cube to the goal region",
+    "StackCube-v1": "stack the red cube on top of the green cube",
+    "PullCube-v1": "pull the cube to the goal region",
+    "LiftPegUpright-v1": "lift the peg and stand it upright",
+    "PegInsertionSide-v1": "insert the peg into the hole on the side of the box",
+    "PlugCharger-v1": "plug the charger into the receptacle",
+    "PokeCube-v1": "use the peg to poke the cube to the goal",
+    "PlaceSphere-v1": "place the sphere into the bin",
+    "RollBall-v1": "roll the ball to the goal region",
+    "PushT-v1": "push the T-shaped block onto the target",
+    "StackPyramid-v1": "stack the cubes into a pyramid",
+}
+
+LIBERO_SUITES: dict[str, int] = {
+    # Max env steps per episode after the no-op steps, as used by openpi's LIBERO evaluation.
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+
+REWARD_MODES = ("sparse", "normalized_dense", "dense", "shaped_diff")
+CONTROL_MODES = ("pd_ee_delta_pose", "pd_joint_delta_pos", "pd_ee_delta_pos", "pd_joint_pos")
+
+
+class ConfigError(ValueError):
+    """A config has an unknown key, a wrong type or an invalid value."""
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Validate (and lightly coerce: list->tuple, int->float) one field against its annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _check_type(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{name}: {value!r} matches none of {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}: expected None, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a sequence, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{name}: expected {len(args)} items, got {len(value)}")
+        return tuple(_check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an int, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")
+        return value
+    return value
+
+
+class _Config:
+    """Mixin: build from a mapping with type checks; unknown keys raise ConfigError."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            checked = _check_type(f"{type(self).__name__}.{f.name}", getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, checked)
+        self.validate()
+
+    def validate(self) -> None:  # overridden
+        pass
+
+    def replace(self, **changes):
+        return self.from_dict({**dataclasses.asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CommonEnvConfig(_Config):
+    num_envs: int = 1
+    seed: int = 0
+    # Image size for every camera (height, width).
+    image_size: tuple[int, int] = (128, 128)
+    # Envs whose episodes are written to mp4 (indices into the batch); empty = no video.
+    record_video_envs: tuple[int, ...] = ()
+    video_dir: str = "videos"
+    video_fps: int = 20
+    # Actions arrive in env units unless a stats JSON (written by envs.dataset) is given: then the
+    # env un-normalises them ("mean_std": a*std+mean, "quantile": q01..q99 <- [-1, 1]).
+    action_norm_stats: str | None = None
+    action_norm_mode: str = "none"
+    # A worker process that does not answer within this many seconds counts as crashed.
+    worker_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        if self.num_envs < 1:
+            raise ConfigError("num_envs must be >= 1")
+        if any(s < 8 for s in self.image_size):
+            raise ConfigError(f"image_size {self.image_size} too small (>= 8 px)")
+        bad = [i for i in self.record_video_envs if not 0 <= i < self.num_envs]
+        if bad:
+            raise ConfigError(f"record_video_envs {bad} outside [0, {self.num_envs})")
+        if self.action_norm_mode not in ("none", "mean_std", "quantile"):
+            raise ConfigError(f"action_norm_mode {self.action_norm_mode!r}: none | mean_std | quantile")
+        if (self.action_norm_mode == "none") != (self.action_norm_stats is None):
+            raise ConfigError("action_norm_stats and action_norm_mode go together (both set or neither)")
+
+
+@dataclass(frozen=True)
+class ManiSkillConfig(CommonEnvConfig):
+    task: str = "PickCube-v1"
+    # "cpu": one process per env (SAPIEN CPU sim); "gpu": one process, num_envs batched on CUDA.
+    backend: str = "cpu"
+    # "state": privileged flat state vector, no images; "rgb": cameras + proprio state.
+    obs_mode: str = "state"
+    control_mode: str = "pd_ee_delta_pose"
+    reward_mode: str = "normalized_dense"
+    # None = the task's own limit (PickCube: 50). Scripted demos need ~80-100 steps.
+    max_episode_steps: int | None = None
+    terminate_on_success: bool = True
+    # Rebuild the scene on auto-resets too (reset() always does): bit-exact seeded episodes
+    # whatever ran before, at ~0.5 s per reset instead of ~0.01 s (CPU backend).
+    hard_reset: bool = False
+    cameras: tuple[str, ...] = ("base_camera",)
+    # Proprio state in "rgb" mode: keys of ManiSkill's obs dict, "group/key". Ignored in "state".
+    state_keys: tuple[str, ...] = ("agent/qpos", "extra/tcp_pose")
+    # Overrides the instruction from MANISKILL_TASKS.
+    prompt: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.backend not in ("cpu", "gpu"):
+            raise ConfigError(f"backend {self.backend!r}: cpu | gpu")
+        if self.obs_mode not in ("state", "rgb"):
+            raise ConfigError(f"obs_mode {self.obs_mode!r}: state | rgb")
+        if self.control_mode not in CONTROL_MODES:
+            raise ConfigError(f"control_mode {self.control_mode!r}: one of {CONTROL_MODES}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ConfigError(f"reward_mode {self.reward_mode!r}: one of {REWARD_MODES}")
+        if self.prompt is None and self.task not in MANISKILL_TASKS:
+            raise ConfigError(
+                f"task {self.task!r} has no built-in instruction; known: {sorted(MANISKILL_TASKS)}"
+                " (or set prompt=...)")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ConfigError("max_episode_steps must be >= 1")
+        if self.obs_mode == "rgb" and not self.cameras:
+            raise ConfigError("obs_mode 'rgb' needs at least one camera")
+
+    @property
+    def instruction(self) -> str:
+        return self.prompt if self.prompt is not None else MANISKILL_TASKS[self.task]
+
+
+@dataclass(frozen=True)
+class LiberoConfig(CommonEnvConfig):
+    suite: str = "libero_spatial"
+    # Task ids inside the suite; env i runs task_ids[i % len(task_ids)]. Empty = all tasks, cycled.
+    task_ids: tuple[int, ...] = (0,)
+    # Init state of an episode: the shipped state number (seed + episode) % 50, or fixed here.
+    init_state_id: int | None = None
+    # Empty: no camera observations and no rendering (state-only, ~10x faster).
+    cameras: tuple[str, ...] = ("agentview_image", "robot0_eye_in_hand_image")
+    # 10 steps of a "do nothing" action after reset let objects settle (openpi's LIBERO eval).
+    num_noop_steps: int = 10
+    # None = per-suite openpi limit (LIBERO_SUITES).
+    max_episode_steps: int | None = None
+    # MuJoCo headless renderer: "egl" or "osmesa" (both software rendering on a CPU box).
+    render_backend: str = "egl"
+    # LIBERO images come upside down; flip both axes (openpi does the same).
+    flip_images: bool = True
+    # State: eef pos (3) + eef axis-angle (3) + gripper qpos (2) = 8, openpi's LIBERO state.
+    terminate_on_success: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.suite not in LIBERO_SUITES:
+            raise ConfigError(f"suite {self.suite!r}: one of {sorted(LIBERO_SUITES)}")
+        if self.render_backend not in ("egl", "osmesa"):
+            raise ConfigError(f"render_backend {self.render_backend!r}: egl | osmesa")
+        if self.num_noop_steps < 0:
+            raise ConfigError("num_noop_steps must be >= 0")
+        if self.init_state_id is not None and self.init_state_id < 0:
+            raise ConfigError("init_state_id must be >= 0")
+        allowed = {"agentview_image", "robot0_eye_in_hand_image"}
+        if set(self.cameras) - allowed:
+            raise ConfigError(f"cameras {self.cameras}: a subset of {sorted(allowed)} (empty: no rendering)")
+
+    @property
+    def episode_limit(self) -> int:
+        return self.max_episode_steps if self.max_episode_steps is not None else LIBERO_SUITES[self.suite]

@@ -1,0 +1,516 @@
+"""LeRobot-format datasets without the lerobot package: a v3.0 writer, a v2.x/v3.0 reader, SFT
+batches of action chunks with padding masks, and normalisation stats.
+
+Layout written (LeRobot v3.0, https://huggingface.co/docs/lerobot "LeRobotDataset v3"):
+    meta/info.json                         schema (features), fps, counts, path templates
+    meta/stats.json                        per feature mean/std/min/max/q01/q99/count
+    meta/tasks.parquet                     index: task (the prompt), column task_index
+    meta/episodes/chunk-000/file-000.parquet   one row per episode: episode_index, tasks, length,
+                                           dataset_from_index, dataset_to_index, data/..., videos/...
+    data/chunk-000/file-000.parquet        one row per frame: observation.state, action,
+                                           [observation.images.<cam> as {bytes: PNG, path}],
+                                           timestamp, frame_index, episode_index, index, task_index
+    videos/observation.images.<cam>/chunk-000/file-000.mp4   (image_mode="video": all episodes
+                                           concatenated; an episode's frames start at
+                                           videos/<key>/from_timestamp)
+Read: the above, and v2.0/v2.1 (meta/episodes.jsonl, meta/tasks.jsonl, one parquet per episode,
+videos/chunk-XXX/<key>/episode_XXXXXX.mp4), e.g. LIBERO converted by openpi (keys image,
+wrist_image, state, actions).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99")
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation stats
+# ---------------------------------------------------------------------------------------------
+def compute_stats(values: np.ndarray) -> dict[str, list[float]]:
+    """Per-dim stats of a [N, D] array: mean, std, min, max, q01, q99 (exact quantiles), count."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    if len(values) == 0:
+        raise ValueError("compute_stats: no values")
+    out = {
+        "mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0),
+        "q01": np.quantile(values, 0.01, axis=0), "q99": np.quantile(values, 0.99, axis=0),
+    }
+    stats = {k: v.astype(float).tolist() for k, v in out.items()}
+    stats["count"] = [int(len(values))]
+    return stats
+
+
+@dataclass
+class NormStats:
+    """{key: {mean, std, q01, q99, ...}} for "state" and "action" (lists of floats, one per dim).
+
+    Modes: "mean_std": x_n = (x - mean) / (std + eps); "quantile": q01 -> -1, q99 -> +1 (openpi's
+    π0.5 normalisation; values outside the range are not clipped here).
+    """
+
+    stats: dict[str, dict[str, list[float]]]
+    eps: float = 1e-6
+
+    def save(self, path: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"norm_stats": self.stats}, f, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "NormStats":
+        with open(path) as f:
+            data = json.load(f)
+        stats = data.get("norm_stats", data)
+        for key, entry in stats.items():
+            missing = [k for k in ("mean", "std", "q01", "q99") if k not in entry]
+            if missing:
+                raise ValueError(f"{path}: stats of {key!r} lack {missing}")
+        return cls(stats)
+
+    def _arrays(self, key: str, dims: int | None):
+        if key not in self.stats:
+            raise KeyError(f"no stats for {key!r} (have {sorted(self.stats)})")
+        entry = {k: np.asarray(v, dtype=np.float32) for k, v in self.stats[key].items() if k != "count"}
+        if dims is not None:
+            entry = {k: v[:dims] for k, v in entry.items()}
+        return entry
+
+    def normalize(self, key: str, x: np.ndarray, mode: str, dims: int | None = None) -> np.ndarray:
+        s = self._arrays(key, dims if dims is not None else np.shape(x)[-1])
+        if mode == "mean_std":
+            return ((x - s["mean"]) / (s["std"] + self.eps)).astype(np.float32)
+        if mode == "quantile":
+            return (2.0 * (x - s["q01"]) / (s["q99"] - s["q01"] + self.eps) - 1.0).astype(np.float32)
+        raise ValueError(f"normalisation mode {mode!r}: mean_std | quantile")
+
+    def unnormalize(self, key: str, x: np.ndarray, mode: str, dims: int | None = None) -> np.ndarray:
+        s = self._arrays(key, dims if dims is not None else np.shape(x)[-1])
+        if mode == "mean_std":
+            return (x * (s["std"] + self.eps) + s["mean"]).astype(np.float32)
+        if mode == "quantile":
+            return ((x + 1.0) / 2.0 * (s["q99"] - s["q01"] + self.eps) + s["q01"]).astype(np.float32)
+        raise ValueError(f"normalisation mode {mode!r}: mean_std | quantile")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer (v3.0)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Episode:
+    """One demonstration: frame t holds the observation before action t."""
+
+    prompt: str
+    state: np.ndarray                      # [T, S] float32
+    actions: np.ndarray                    # [T, D] float32
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # cam -> [T, H, W, 3] uint8
+    seed: int | None = None
+    success: bool = True
+
+    def __post_init__(self):
+        self.state = np.asarray(self.state, dtype=np.float32)
+        self.actions = np.asarray(self.actions, dtype=np.float32)
+        length = len(self.actions)
+        if self.state.shape[0] != length:
+            raise ValueError(f"episode: {self.state.shape[0]} states for {length} actions")
+        for cam, frames in self.images.items():
+            if frames.shape[0] != length or frames.ndim != 4 or frames.dtype != np.uint8:
+                raise ValueError(f"episode camera {cam}: frames {frames.shape} {frames.dtype}, want [{length}, H, W, 3] uint8")
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _decode_image(cell: Any) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(cell, dict):
+        data, path = cell.get("bytes"), cell.get("path")
+        if data is None and path:
+            with open(path, "rb") as f:
+                data = f.read()
+    else:
+        data = cell
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
+                          state_names: Sequence[str] | None = None,
+                          action_names: Sequence[str] | None = None,
+                          robot_type: str | None = None, image_mode: str = "image",
+                          extra_info: dict | None = None) -> dict:
+    """Write episodes as a LeRobot v3.0 dataset (one data file, one episodes file). Returns info."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if image_mode not in ("image", "video"):
+        raise ValueError("image_mode: image | video")
+    if not episodes:
+        raise ValueError("write_lerobot_dataset: no episodes")
+    if os.path.exists(os.path.join(root, "meta", "info.json")):
+        raise FileExistsError(f"{root} already holds a dataset")
+    cams = list(episodes[0].images)
+    state_dim, action_dim = episodes[0].state.shape[1], episodes[0].actions.shape[1]
+    for ep in episodes:
+        if list(ep.images) != cams or ep.state.shape[1] != state_dim or ep.actions.shape[1] != action_dim:
+            raise ValueError("all episodes need the same cameras, state and action sizes")
+
+    tasks = sorted({ep.prompt for ep in episodes})
+    task_index = {t: i for i, t in enumerate(tasks)}
+    img_key = {cam: f"observation.images.{cam}" for cam in cams}
+
+    columns: dict[str, list] = {k: [] for k in ["observation.state", "action", *img_key.values(),
+                                                 "timestamp", "frame_index", "episode_index",
+                                                 "index", "task_index"]}
+    if image_mode == "video":
+        for key in img_key.values():
+            del columns[key]
+    ep_rows = []
+    start = 0
+    for e, ep in enumerate(episodes):
+        length = len(ep.actions)
+        columns["observation.state"] += list(ep.state)
+        columns["action"] += list(ep.actions)
+        if image_mode == "image":
+            for cam in cams:
+                columns[img_key[cam]] += [{"bytes": _png_bytes(f), "path": None} for f in ep.images[cam]]
+        columns["timestamp"] += (np.arange(length) / fps).astype(np.float32).tolist()
+        columns["frame_index"] += list(range(length))
+        columns["episode_index"] += [e] * length
+        columns["index"] += list(range(start, start + length))
+        columns["task_index"] += [task_index[ep.prompt]] * length
+        row = {"episode_index": e, "tasks": [ep.prompt], "length": length,
+               "dataset_from_index": start, "dataset_to_index": start + length,
+               "data/chunk_index": 0, "data/file_index": 0,
+               "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
+               "seed": -1 if ep.seed is None else int(ep.seed), "success": bool(ep.success)}
+        if image_mode == "video":
+            for key in img_key.values():
+                row[f"videos/{key}/chunk_index"] = 0
+                row[f"videos/{key}/file_index"] = 0
+                row[f"videos/{key}/from_timestamp"] = start / fps
+                row[f"videos/{key}/to_timestamp"] = (start + length) / fps
+        ep_rows.append(row)
+        start += length
+    total = start
+
+    os.makedirs(os.path.join(root, "data", "chunk-000"), exist_ok=True)
+    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"), exist_ok=True)
+    arrays = {
+        "observation.state": pa.array([s.tolist() for s in columns["observation.state"]],
+                                      type=pa.list_(pa.float32(), state_dim)),
+        "action": pa.array([a.tolist() for a in columns["action"]], type=pa.list_(pa.float32(), action_dim)),
+    }
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for key in img_key.values():
+        if key in columns:
+            arrays[key] = pa.array(columns[key], type=image_type)
+    arrays["timestamp"] = pa.array(columns["timestamp"], type=pa.float32())
+    for key in ("frame_index", "episode_index", "index", "task_index"):
+        arrays[key] = pa.array(columns[key], type=pa.int64())
+    pq.write_table(pa.table(arrays), os.path.join(root, "data", "chunk-000", "file-000.parquet"))
+
+    if image_mode == "video":
+        from .video import write_mp4
+
+        for cam, key in img_key.items():
+            frames = [f for ep in episodes for f in ep.images[cam]]
+            write_mp4(os.path.join(root, "videos", key, "chunk-000", "file-000.mp4"), frames, fps)
+
+    # Per-episode stats columns ("stats/<feature>/<stat>") as LeRobot v3 keeps them.
+    for row, ep in zip(ep_rows, episodes):
+        for feature, values in (("observation.state", ep.state), ("action", ep.actions)):
+            for stat, value in compute_stats(values).items():
+                row[f"stats/{feature}/{stat}"] = value
+    pd.DataFrame(ep_rows).to_parquet(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
+                                     index=False)
+    pd.DataFrame({"task_index": list(range(len(tasks)))}, index=pd.Index(tasks, name="task")).to_parquet(
+        os.path.join(root, "meta", "tasks.parquet"))
+
+    all_state = np.concatenate([ep.state for ep in episodes])
+    all_action = np.concatenate([ep.actions for ep in episodes])
+    stats = {"observation.state": compute_stats(all_state), "action": compute_stats(all_action)}
+    with open(os.path.join(root, "meta", "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+
+    height, width = (episodes[0].images[cams[0]].shape[1:3] if cams else (0, 0))
+    features: dict[str, Any] = {
+        "observation.state": {"dtype": "float32", "shape": [state_dim],
+                              "names": list(state_names) if state_names else None},
+        "action": {"dtype": "float32", "shape": [action_dim],
+                   "names": list(action_names) if action_names else None},
+    }
+    for cam, key in img_key.items():
+        h, w = episodes[0].images[cam].shape[1:3]
+        feat = {"dtype": image_mode, "shape": [h, w, 3], "names": ["height", "width", "channels"]}
+        if image_mode == "video":
+            feat["info"] = {"video.height": h, "video.width": w, "video.codec": "h264",
+                            "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                            "video.channels": 3, "has_audio": False}
+        features[key] = feat
+    for key, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                       ("index", "int64"), ("task_index", "int64")):
+        features[key] = {"dtype": dtype, "shape": [1], "names": None}
+    info = {
+        "codebase_version": "v3.0",
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": total,
+        "total_tasks": len(tasks),
+        "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": ("videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+                       if image_mode == "video" and cams else None),
+        "features": features,
+    }
+    if extra_info:
+        info["pirl"] = extra_info
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:
+        json.dump(info, f, indent=4)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader (v2.x and v3.0)
+# ---------------------------------------------------------------------------------------------
+_STATE_KEYS = ("observation.state", "state")
+_ACTION_KEYS = ("action", "actions")
+
+
+class LeRobotReader:
+    """Reads a LeRobot v2.x / v3.0 dataset directory into memory (numeric columns) with lazy image
+    decoding. Attributes: info, fps, state [N, S], actions [N, D], episode_index [N],
+    frame_index [N], task_index [N], tasks {task_index: prompt}, episodes (list of dicts with
+    episode_index, from, to, length), camera_keys {camera name: feature key}.
+    """
+
+    def __init__(self, root: str, state_key: str | None = None, action_key: str | None = None,
+                 camera_keys: dict[str, str] | None = None):
+        import pandas as pd
+
+        self.root = root
+        info_path = os.path.join(root, "meta", "info.json")
+        if not os.path.exists(info_path):
+            raise FileNotFoundError(f"{root}: no meta/info.json (not a LeRobot dataset)")
+        with open(info_path) as f:
+            self.info = json.load(f)
+        self.version = str(self.info.get("codebase_version", "v2.0"))
+        if not self.version.startswith(("v2", "v3")):
+            raise ValueError(f"{root}: LeRobot {self.version} not supported (v2.x, v3.0)")
+        self.fps = int(self.info["fps"])
+        features = self.info["features"]
+        self.state_key = state_key or next((k for k in _STATE_KEYS if k in features), None)
+        self.action_key = action_key or next((k for k in _ACTION_KEYS if k in features), None)
+        if self.state_key is None or self.action_key is None:
+            raise KeyError(f"{root}: cannot tell the state/action features among {sorted(features)};"
+                           " pass state_key= and action_key=")
+        if camera_keys is None:
+            camera_keys = {}
+            for key, feat in features.items():
+                if feat.get("dtype") in ("image", "video"):
+                    name = key.split(".")[-1] if key.startswith("observation.images.") else key
+                    camera_keys[name] = key
+        self.camera_keys = dict(camera_keys)
+        self.video_keys = {k for k, f in features.items() if f.get("dtype") == "video"}
+
+        files = sorted(glob.glob(os.path.join(root, "data", "**", "*.parquet"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"{root}: no data/**/*.parquet")
+        frame = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+        frame = frame.sort_values(["episode_index", "frame_index"], kind="stable").reset_index(drop=True)
+        self._frame = frame
+        self.state = np.stack(frame[self.state_key].to_numpy()).astype(np.float32).reshape(len(frame), -1)
+        self.actions = np.stack(frame[self.action_key].to_numpy()).astype(np.float32).reshape(len(frame), -1)
+        self.episode_index = frame["episode_index"].to_numpy().astype(np.int64)
+        self.frame_index = frame["frame_index"].to_numpy().astype(np.int64)
+        self.task_index = (frame["task_index"].to_numpy().astype(np.int64) if "task_index" in frame
+                           else np.zeros(len(frame), dtype=np.int64))
+        self.tasks = self._read_tasks()
+        self.episode_meta = self._read_episode_meta()
+        self.episodes = []
+        bounds = np.flatnonzero(np.diff(self.episode_index)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(frame)]])
+        for s, e in zip(starts, ends):
+            self.episodes.append({"episode_index": int(self.episode_index[s]), "from": int(s), "to": int(e),
+                                  "length": int(e - s)})
+        self._video_cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def _read_tasks(self) -> dict[int, str]:
+        import pandas as pd
+
+        meta = os.path.join(self.root, "meta")
+        if os.path.exists(os.path.join(meta, "tasks.parquet")):
+            df = pd.read_parquet(os.path.join(meta, "tasks.parquet"))
+            if "task" in df.columns:
+                return {int(i): str(t) for t, i in zip(df["task"], df["task_index"])}
+            return {int(i): str(t) for t, i in zip(df.index, df["task_index"])}
+        if os.path.exists(os.path.join(meta, "tasks.jsonl")):
+            with open(os.path.join(meta, "tasks.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            return {int(r["task_index"]): str(r["task"]) for r in rows}
+        return {}
+
+    def _read_episode_meta(self) -> dict[int, dict]:
+        import pandas as pd
+
+        meta = os.path.join(self.root, "meta")
+        files = sorted(glob.glob(os.path.join(meta, "episodes", "**", "*.parquet"), recursive=True))
+        if files:
+            df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+            return {int(r["episode_index"]): r for r in df.to_dict("records")}
+        if os.path.exists(os.path.join(meta, "episodes.jsonl")):
+            with open(os.path.join(meta, "episodes.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            return {int(r["episode_index"]): r for r in rows}
+        return {}
+
+    def prompt(self, row: int) -> str:
+        if "task" in self._frame.columns:  # some converters store the prompt on every frame
+            return str(self._frame["task"].iat[row])
+        return self.tasks.get(int(self.task_index[row]), "")
+
+    def _video_frames(self, key: str, episode: int) -> tuple[np.ndarray, int]:
+        """(frames of the file holding `episode`, index of the episode's first frame in it)."""
+        from .video import read_mp4
+
+        meta = self.episode_meta.get(episode, {})
+        if self.version.startswith("v3"):
+            chunk = int(meta.get(f"videos/{key}/chunk_index", 0))
+            file_index = int(meta.get(f"videos/{key}/file_index", 0))
+            path = self.info["video_path"].format(video_key=key, chunk_index=chunk, file_index=file_index)
+            offset = int(round(float(meta.get(f"videos/{key}/from_timestamp", 0.0)) * self.fps))
+        else:
+            chunk = episode // int(self.info.get("chunks_size", 1000))
+            path = self.info["video_path"].format(video_key=key, episode_chunk=chunk, episode_index=episode)
+            offset = 0
+        cache_key = (key, path)
+        if cache_key not in self._video_cache:
+            self._video_cache[cache_key] = read_mp4(os.path.join(self.root, path))
+        return self._video_cache[cache_key], offset
+
+    def image(self, camera: str, row: int) -> np.ndarray:
+        key = self.camera_keys[camera]
+        if key in self.video_keys:
+            frames, offset = self._video_frames(key, int(self.episode_index[row]))
+            return frames[offset + int(self.frame_index[row])]
+        return _decode_image(self._frame[key].iat[row])
+
+    def compute_norm_stats(self) -> NormStats:
+        return NormStats({"state": compute_stats(self.state), "action": compute_stats(self.actions)})
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT batches
+# ---------------------------------------------------------------------------------------------
+class SFTChunkDataset:
+    """Action chunks for flow-matching SFT from a LeRobot dataset.
+
+    Sample i is frame i: its observation (images, state, prompt) and the actions of frames
+    i .. i+H-1 of the same episode. Steps past the episode end repeat the last action and are
+    marked invalid in `action_valid` [H]; action dims are zero-padded to `action_pad_dim` with
+    `mask_dims` [D_pad] marking the real ones. With `norm_mode` ("mean_std" | "quantile") state and
+    actions are normalised with `norm_stats` (computed from the dataset and saved to
+    `stats_path` when not given).
+    """
+
+    def __init__(self, root: str, horizon: int, *, action_pad_dim: int | None = None,
+                 norm_mode: str = "none", norm_stats: NormStats | str | None = None,
+                 stats_path: str | None = None, cameras: Sequence[str] | None = None,
+                 image_size: tuple[int, int] | None = None, **reader_kwargs):
+        if horizon < 1:
+            raise ValueError("horizon must be >= 1")
+        self.reader = LeRobotReader(root, **reader_kwargs)
+        self.horizon = horizon
+        self.action_dim = self.reader.actions.shape[1]
+        self.action_pad_dim = action_pad_dim or self.action_dim
+        if self.action_pad_dim < self.action_dim:
+            raise ValueError(f"action_pad_dim {self.action_pad_dim} < dataset action dim {self.action_dim}")
+        self.cameras = list(cameras) if cameras is not None else list(self.reader.camera_keys)
+        unknown = [c for c in self.cameras if c not in self.reader.camera_keys]
+        if unknown:
+            raise KeyError(f"cameras {unknown} not in the dataset ({sorted(self.reader.camera_keys)})")
+        self.image_size = image_size
+        if norm_mode not in ("none", "mean_std", "quantile"):
+            raise ValueError("norm_mode: none | mean_std | quantile")
+        self.norm_mode = norm_mode
+        if isinstance(norm_stats, str):
+            norm_stats = NormStats.load(norm_stats)
+        if norm_stats is None:
+            norm_stats = self.reader.compute_norm_stats()
+            if stats_path:
+                norm_stats.save(stats_path)
+        self.norm_stats = norm_stats
+        # Row r's episode end (exclusive), to build chunks without crossing episodes.
+        self._episode_end = np.empty(len(self.reader), dtype=np.int64)
+        for ep in self.reader.episodes:
+            self._episode_end[ep["from"]:ep["to"]] = ep["to"]
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        if self.image_size is None or image.shape[:2] == tuple(self.image_size):
+            return image
+        from PIL import Image
+
+        height, width = self.image_size
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+    def get_batch(self, rows: Iterable[int]) -> dict[str, Any]:
+        rows = np.asarray(list(rows), dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside [0, {len(self)})")
+        steps = rows[:, None] + np.arange(self.horizon)[None, :]
+        valid = steps < self._episode_end[rows][:, None]
+        steps = np.minimum(steps, self._episode_end[rows][:, None] - 1)
+        actions = self.reader.actions[steps]  # [B, H, D]
+        state = self.reader.state[rows]
+        if self.norm_mode != "none":
+            actions = self.norm_stats.normalize("action", actions, self.norm_mode)
+            state = self.norm_stats.normalize("state", state, self.norm_mode)
+        padded = np.zeros((len(rows), self.horizon, self.action_pad_dim), dtype=np.float32)
+        padded[..., : self.action_dim] = actions
+        mask_dims = np.zeros(self.action_pad_dim, dtype=bool)
+        mask_dims[: self.action_dim] = True
+        images = {cam: np.stack([self._resize(self.reader.image(cam, int(r))) for r in rows])
+                  if len(rows) else np.zeros((0, 1, 1, 3), np.uint8) for cam in self.cameras}
+        return {
+            "images": images,
+            "state": state.astype(np.float32),
+            "prompt": [self.reader.prompt(int(r)) for r in rows],
+            "actions": padded,
+            "action_valid": valid,
+            "mask_dims": mask_dims,
+            "episode_index": self.reader.episode_index[rows],
+            "frame_index": self.reader.frame_index[rows],
+        }
+
+    def sample_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, Any]:
+        return self.get_batch(rng.integers(0, len(self), size=batch_size))
+
+    def iter_epoch(self, batch_size: int, rng: np.random.Generator | None = None):
+        order = np.arange(len(self)) if rng is None else rng.permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            yield self.get_batch(order[start:start + batch_size])

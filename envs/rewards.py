@@ -1,0 +1,46 @@
+"""Reward shaping shared by the CPU and GPU ManiSkill paths (works on numpy arrays and torch tensors).
+
+πRL's ManiSkill reward (METHODS.md §4) is a *differenced* potential:
+
+    phi_t = 0.1 * grasped_t + 0.1 * (grasped_t and grasped_{t-1}) + 1.0 * success_t
+    r_t   = phi_t - phi_{t-1},   phi before the first step = 0
+
+so an episode's return telescopes to phi at its last step (at most 1.2), grasping then dropping the
+object gives back the grasp bonus, and holding it does not pay again at every step.
+"""
+from __future__ import annotations
+
+GRASP_WEIGHT = 0.1
+STILL_GRASPED_WEIGHT = 0.1
+SUCCESS_WEIGHT = 1.0
+
+
+def shaped_potential(grasped, prev_grasped, success):
+    """phi_t for boolean (array) inputs; returns float of the same kind."""
+    grasped = grasped * 1.0
+    return (GRASP_WEIGHT * grasped + STILL_GRASPED_WEIGHT * grasped * (prev_grasped * 1.0)
+            + SUCCESS_WEIGHT * (success * 1.0))
+
+
+class DifferencedShapedReward:
+    """Keeps phi_{t-1} and grasped_{t-1} between steps of one env (or a batch of envs)."""
+
+    def __init__(self):
+        self.prev_potential = 0.0
+        self.prev_grasped = False
+
+    def reset(self, mask=None) -> None:
+        """Start new episodes (all of them, or where the boolean `mask` is set)."""
+        if mask is None:
+            self.prev_potential = 0.0
+            self.prev_grasped = False
+        else:
+            self.prev_potential = self.prev_potential * (~mask * 1.0)
+            self.prev_grasped = self.prev_grasped & ~mask
+
+    def __call__(self, grasped, success):
+        potential = shaped_potential(grasped, self.prev_grasped, success)
+        reward = potential - self.prev_potential
+        self.prev_potential = potential
+        self.prev_grasped = grasped
+        return reward

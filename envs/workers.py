@@ -1,0 +1,194 @@
+"""One process per env, with restart of crashed processes.
+
+Why not gymnasium's AsyncVectorEnv: the chunk contract needs to step only the envs that are not
+done yet (nothing may be executed in an env after its episode ended inside a chunk), to reset single
+envs with chosen seeds, and to survive a dead worker process; AsyncVectorEnv steps all envs at once,
+auto-resets on its own schedule and cannot replace a dead worker. This pool is a small pipe protocol
+over `multiprocessing` (spawn context: SAPIEN/Vulkan and MuJoCo/EGL state must not be forked).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EnvWorkerError(RuntimeError):
+    """The simulator inside env `env_index` raised; the message carries the worker's traceback."""
+
+    def __init__(self, env_index: int, message: str):
+        super().__init__(f"env {env_index}: {message}")
+        self.env_index = env_index
+
+
+class WorkerCrashed(RuntimeError):
+    """Internal: the process of one env died or stopped answering."""
+
+
+def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
+    # Children ignore Ctrl-C: the parent decides when they stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        env = factory()
+    except BaseException:  # report construction errors (e.g. missing assets) instead of dying
+        conn.send(("error", traceback.format_exc()))
+        conn.close()
+        return
+    conn.send(("ok", env.spec()))
+    while True:
+        try:
+            cmd, payload = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if cmd == "close":
+            try:
+                env.close()
+            finally:
+                conn.send(("ok", None))
+            break
+        try:
+            if cmd == "reset":
+                result = env.reset(*payload)
+            elif cmd == "step":
+                result = env.step(payload)
+            elif cmd == "call":
+                name, args = payload
+                result = getattr(env, name)(*args)
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            conn.send(("ok", result))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    conn.close()
+
+
+class SubprocEnvPool:
+    """`num_envs` single-env workers; `factories[i]()` builds env i inside its own process.
+
+    A single env object must offer spec(), reset(seed) -> (obs, info), step(action) ->
+    (obs, reward, terminated, truncated, info) and close(). Calls to several envs run in parallel.
+    """
+
+    def __init__(self, factories: Sequence[Callable[[], Any]], timeout_s: float = 300.0,
+                 start_method: str = "spawn"):
+        self._factories = list(factories)
+        self._timeout_s = timeout_s
+        self._ctx = mp.get_context(start_method)
+        self._procs: list[Any] = [None] * len(self._factories)
+        self._conns: list[Any] = [None] * len(self._factories)
+        self.specs: list[Any] = [None] * len(self._factories)
+        self.restart_counts = [0] * len(self._factories)
+        for i in range(len(self._factories)):
+            self._launch(i)
+        for i in range(len(self._factories)):
+            self.specs[i] = self._await_ready(i)
+
+    @property
+    def num_envs(self) -> int:
+        return len(self._factories)
+
+    def pid(self, index: int) -> int:
+        return self._procs[index].pid
+
+    def _launch(self, index: int) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._factories[index], index),
+                                 daemon=True, name=f"pirl-env-{index}")
+        proc.start()
+        child.close()
+        self._procs[index], self._conns[index] = proc, parent
+
+    def _await_ready(self, index: int):
+        status, payload = self._recv(index)
+        if status == "error":
+            self._reap(index)
+            raise EnvWorkerError(index, f"could not build the env:\n{payload}")
+        return payload
+
+    def _recv(self, index: int):
+        conn = self._conns[index]
+        try:
+            if not conn.poll(self._timeout_s):
+                raise WorkerCrashed(f"env {index}: no answer within {self._timeout_s} s")
+            return conn.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError, OSError) as exc:
+            raise WorkerCrashed(f"env {index}: worker process died ({exc!r})") from exc
+
+    def _send(self, index: int, message) -> None:
+        try:
+            self._conns[index].send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise WorkerCrashed(f"env {index}: worker process died ({exc!r})") from exc
+
+    def _reap(self, index: int) -> None:
+        proc = self._procs[index]
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        if proc is not None:
+            proc.join(timeout=10)
+        if self._conns[index] is not None:
+            self._conns[index].close()
+
+    def restart(self, index: int) -> None:
+        """Replace the process of env `index` by a fresh one (the env is rebuilt, not reset)."""
+        log.warning("env %d: worker process crashed; restarting it", index)
+        self._reap(index)
+        self._launch(index)
+        self.specs[index] = self._await_ready(index)
+        self.restart_counts[index] += 1
+
+    def call_many(self, cmd: str, indices: Sequence[int], payloads: Sequence[Any]):
+        """Send `cmd` to each env in `indices` (in parallel); returns ({index: result}, crashed).
+
+        Crashed envs are restarted before returning and listed in `crashed` (their result is
+        missing). A Python exception inside an env is raised as EnvWorkerError.
+        """
+        crashed: list[int] = []
+        sent: list[int] = []
+        for index, payload in zip(indices, payloads):
+            try:
+                self._send(index, (cmd, payload))
+                sent.append(index)
+            except WorkerCrashed:
+                crashed.append(index)
+        results: dict[int, Any] = {}
+        errors: list[tuple[int, str]] = []
+        for index in sent:
+            try:
+                status, payload = self._recv(index)
+            except WorkerCrashed:
+                crashed.append(index)
+                continue
+            if status == "error":
+                errors.append((index, payload))
+            else:
+                results[index] = payload
+        for index in crashed:
+            self.restart(index)
+        if errors:
+            index, message = errors[0]
+            raise EnvWorkerError(index, message)
+        return results, sorted(crashed)
+
+    def close(self) -> None:
+        for index, conn in enumerate(self._conns):
+            if conn is None or conn.closed:
+                continue
+            try:
+                conn.send(("close", None))
+                if conn.poll(10):
+                    conn.recv()
+            except (OSError, EOFError):
+                pass
+        for index in range(len(self._procs)):
+            self._reap(index)
+
+    def kill_worker(self, index: int) -> None:
+        """Kill one worker process (used by tests and fault-injection to check recovery)."""
+        os.kill(self._procs[index].pid, signal.SIGKILL)
+        self._procs[index].join(timeout=10)

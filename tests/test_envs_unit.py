@@ -1,0 +1,211 @@
+"""envs/ pieces that need no simulator: configs, reward shaping, datasets, stats, video."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from envs.config import ConfigError, LiberoConfig, ManiSkillConfig
+from envs.dataset import (Episode, LeRobotReader, NormStats, SFTChunkDataset, compute_stats,
+                          write_lerobot_dataset)
+from envs.rewards import DifferencedShapedReward
+
+
+# ---- configs ------------------------------------------------------------------------------
+def test_config_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="unknown key.*obs_mod"):
+        ManiSkillConfig.from_dict({"task": "PickCube-v1", "obs_mod": "rgb"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        LiberoConfig.from_dict({"suite": "libero_10", "max_steps": 3})
+
+
+def test_config_validates_values_and_types():
+    with pytest.raises(ConfigError, match="reward_mode"):
+        ManiSkillConfig(reward_mode="dense_ish")
+    with pytest.raises(ConfigError, match="expected an int"):
+        ManiSkillConfig.from_dict({"num_envs": "2"})
+    with pytest.raises(ConfigError, match="suite"):
+        LiberoConfig(suite="libero_100")
+    with pytest.raises(ConfigError, match="record_video_envs"):
+        ManiSkillConfig(num_envs=2, record_video_envs=(2,))
+    with pytest.raises(ConfigError, match="no built-in instruction"):
+        ManiSkillConfig(task="PickSingleYCB-v1")
+    cfg = ManiSkillConfig.from_dict({"image_size": [64, 96], "cameras": ["base_camera"]})
+    assert cfg.image_size == (64, 96) and cfg.cameras == ("base_camera",)
+    with pytest.raises(Exception):
+        cfg.num_envs = 3  # frozen
+
+
+def test_make_env_needs_a_simulator():
+    from envs import make_env
+
+    with pytest.raises(ConfigError, match="simulator"):
+        make_env({"task": "PickCube-v1"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        make_env({"simulator": "libero", "suite": "libero_goal", "taskid": 1})
+
+
+def test_libero_episode_limits_per_suite():
+    limits = {s: LiberoConfig(suite=s).episode_limit
+              for s in ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")}
+    assert limits == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                      "libero_10": 520, "libero_90": 400}
+    assert LiberoConfig(max_episode_steps=7).episode_limit == 7
+
+
+# ---- reward shaping -----------------------------------------------------------------------
+def test_differenced_shaped_reward_telescopes():
+    shaper = DifferencedShapedReward()
+    grasped = [False, True, True, True, False, True, True]
+    success = [False, False, False, True, False, False, True]
+    rewards = [shaper(g, s) for g, s in zip(grasped, success)]
+    # grasp +0.1, still grasped +0.1, success +1.0, drop all (-1.2), regrasp +0.1, hold+success +1.1
+    np.testing.assert_allclose(rewards, [0.0, 0.1, 0.1, 1.0, -1.2, 0.1, 1.1], atol=1e-9)
+    np.testing.assert_allclose(sum(rewards), 1.2)  # = phi at the last step
+
+
+def test_differenced_shaped_reward_batched_reset_mask():
+    shaper = DifferencedShapedReward()
+    shaper(np.array([True, True]), np.array([False, False]))
+    shaper(np.array([True, True]), np.array([False, False]))
+    shaper.reset(np.array([True, False]))
+    rewards = shaper(np.array([True, True]), np.array([False, False]))
+    np.testing.assert_allclose(rewards, [0.1, 0.0])  # env 0 starts over: only the grasp bonus
+
+
+# ---- datasets -----------------------------------------------------------------------------
+def _episodes(rng, lengths=(5, 3), cams=("front",)):
+    eps = []
+    for i, length in enumerate(lengths):
+        eps.append(Episode(prompt=f"task {i % 2}",
+                           state=rng.normal(size=(length, 4)).astype(np.float32),
+                           actions=rng.normal(size=(length, 3)).astype(np.float32),
+                           images={c: rng.integers(0, 255, (length, 8, 10, 3), dtype=np.uint8) for c in cams},
+                           seed=i))
+    return eps
+
+
+@pytest.mark.parametrize("image_mode", ["image", "video"])
+def test_lerobot_v3_roundtrip(tmp_path, image_mode):
+    rng = np.random.default_rng(0)
+    eps = _episodes(rng)
+    root = str(tmp_path / "ds")
+    info = write_lerobot_dataset(root, eps, fps=10, image_mode=image_mode)
+    assert info["codebase_version"] == "v3.0" and info["total_frames"] == 8 and info["total_tasks"] == 2
+    for rel in ("meta/info.json", "meta/stats.json", "meta/tasks.parquet",
+                "meta/episodes/chunk-000/file-000.parquet", "data/chunk-000/file-000.parquet"):
+        assert os.path.exists(os.path.join(root, rel)), rel
+    reader = LeRobotReader(root)
+    np.testing.assert_array_equal(reader.state, np.concatenate([e.state for e in eps]))
+    np.testing.assert_array_equal(reader.actions, np.concatenate([e.actions for e in eps]))
+    assert [e["length"] for e in reader.episodes] == [5, 3]
+    assert reader.prompt(0) == "task 0" and reader.prompt(6) == "task 1"
+    assert list(reader.camera_keys) == ["front"]
+    img = reader.image("front", 6)  # episode 1, frame 1
+    if image_mode == "image":
+        np.testing.assert_array_equal(img, eps[1].images["front"][1])  # PNG is lossless
+    else:
+        assert img.shape == (8, 10, 3)  # lossy codec: shape and frame position only
+        assert os.path.exists(os.path.join(root, "videos/observation.images.front/chunk-000/file-000.mp4"))
+    with pytest.raises(FileExistsError):
+        write_lerobot_dataset(root, eps, fps=10)
+
+
+def test_reads_lerobot_v2_layout_with_openpi_keys(tmp_path):
+    """A v2.0 dataset as openpi's LIBERO converter writes it: keys image/wrist_image/state/actions,
+    one parquet per episode, meta/episodes.jsonl and tasks.jsonl."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "libero_v2"
+    (root / "meta").mkdir(parents=True)
+    (root / "data" / "chunk-000").mkdir(parents=True)
+    lengths = [4, 6]
+    frames = {}
+    for ep, length in enumerate(lengths):
+        imgs = rng.integers(0, 255, (length, 16, 16, 3), dtype=np.uint8)
+        frames[ep] = imgs
+
+        def png(a):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            return {"bytes": buf.getvalue(), "path": None}
+
+        pd.DataFrame({
+            "image": [png(a) for a in imgs], "wrist_image": [png(a[::-1]) for a in imgs],
+            "state": list(rng.normal(size=(length, 8)).astype(np.float32)),
+            "actions": list(np.full((length, 7), ep, np.float32)),
+            "timestamp": np.arange(length) / 10.0, "frame_index": np.arange(length),
+            "episode_index": [ep] * length, "index": np.arange(length) + sum(lengths[:ep]),
+            "task_index": [ep] * length,
+        }).to_parquet(root / "data" / "chunk-000" / f"episode_{ep:06d}.parquet")
+    (root / "meta" / "tasks.jsonl").write_text(
+        "\n".join(json.dumps({"task_index": i, "task": f"libero task {i}"}) for i in range(2)))
+    (root / "meta" / "episodes.jsonl").write_text(
+        "\n".join(json.dumps({"episode_index": i, "tasks": [f"libero task {i}"], "length": n})
+                  for i, n in enumerate(lengths)))
+    feats = {"image": {"dtype": "image", "shape": [16, 16, 3]}, "wrist_image": {"dtype": "image", "shape": [16, 16, 3]},
+             "state": {"dtype": "float32", "shape": [8]}, "actions": {"dtype": "float32", "shape": [7]}}
+    (root / "meta" / "info.json").write_text(json.dumps({
+        "codebase_version": "v2.0", "fps": 10, "chunks_size": 1000, "total_episodes": 2,
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": None, "features": feats}))
+
+    stats_path = str(tmp_path / "norm_stats.json")
+    ds = SFTChunkDataset(str(root), horizon=5, action_pad_dim=32, stats_path=stats_path)
+    assert sorted(ds.cameras) == ["image", "wrist_image"]
+    batch = ds.get_batch([2, 4])  # episode 0 frame 2; episode 1 frame 0
+    assert batch["actions"].shape == (2, 5, 32)
+    assert batch["prompt"] == ["libero task 0", "libero task 1"]
+    np.testing.assert_array_equal(batch["action_valid"][0], [True, True, False, False, False])
+    assert batch["action_valid"][1].all()
+    # Padded steps repeat the episode's last action and never mix in the next episode.
+    np.testing.assert_array_equal(batch["actions"][0, :, :7], np.zeros((5, 7)))
+    np.testing.assert_array_equal(batch["actions"][1, :, :7], np.ones((5, 7)))
+    assert not batch["actions"][:, :, 7:].any() and batch["mask_dims"].sum() == 7
+    np.testing.assert_array_equal(batch["images"]["image"][1], frames[1][0])
+    np.testing.assert_array_equal(batch["images"]["wrist_image"][0], frames[0][2][::-1])
+    saved = json.load(open(stats_path))["norm_stats"]
+    assert set(saved) == {"state", "action"} and set(saved["action"]) >= {"mean", "std", "q01", "q99"}
+
+
+def test_norm_stats_roundtrip_and_quantile_range(tmp_path):
+    rng = np.random.default_rng(2)
+    values = rng.uniform(-3, 5, size=(1000, 3))
+    stats = NormStats({"action": compute_stats(values)})
+    path = stats.save(str(tmp_path / "s.json"))
+    loaded = NormStats.load(path)
+    for mode in ("mean_std", "quantile"):
+        normed = loaded.normalize("action", values, mode)
+        np.testing.assert_allclose(loaded.unnormalize("action", normed, mode), values, rtol=1e-4, atol=1e-4)
+    q = loaded.normalize("action", values, "quantile")
+    assert np.mean((q >= -1) & (q <= 1)) == pytest.approx(0.98, abs=0.01)
+    z = loaded.normalize("action", values, "mean_std")
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
+    with pytest.raises(KeyError, match="no stats"):
+        loaded.normalize("state", values, "quantile")
+
+
+def test_video_writer_roundtrip(tmp_path):
+    from envs.video import VideoRecorder, read_mp4
+
+    rec = VideoRecorder(str(tmp_path), env_index=3, fps=10)
+    for t in range(7):
+        rec.add(np.full((15, 21, 3), 30 * t, np.uint8))  # odd sizes are padded for yuv420p
+    path = rec.finish(success=True)
+    assert os.path.basename(path) == "env003_ep0000_success.mp4"
+    frames = read_mp4(path)
+    assert frames.shape[0] == 7 and frames.shape[1:3] == (16, 22)
+    assert abs(float(frames[6].mean()) - 180) < 6  # brightness survives compression
+
+
+def test_libero_without_config_fails_fast_instead_of_prompting(tmp_path, monkeypatch):
+    from envs.libero import LiberoNotInstalledError, make_libero_env
+
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(LiberoNotInstalledError, match="config.yaml"):
+        make_libero_env({"suite": "libero_spatial"})

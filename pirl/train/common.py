@@ -26,8 +26,10 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_config(spec: str) -> ModelConfig:
-    """A preset name (tiny, tiny_pi05, pi0, pi05) or a path to a model YAML."""
+def build_model_config(spec) -> ModelConfig:
+    """A preset name (tiny, tiny_pi05, pi0, pi05), a path to a model YAML, or a dict of fields."""
+    if isinstance(spec, dict):
+        return ModelConfig.from_dict(spec)
     if spec in PRESETS:
         return get_config(spec)
     if os.path.exists(spec):
@@ -58,7 +60,8 @@ def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | N
     if tokenizer is None:
         if config.vocab_size > 10_000:
             raise ValueError("a full-size model needs tokenizer= (the PaliGemma tokenizer.model)")
-        tok = build_test_tokenizer(Path(out_dir) / "tokenizer")
+        prompts = sorted(set(getattr(dataset.reader, "tasks", {}).values()))
+        tok = build_test_tokenizer(Path(out_dir) / "tokenizer", extra_corpus=prompts)
         model_file = Path(out_dir) / "tokenizer" / "tokenizer.model"
     else:
         tok = PromptTokenizer(tokenizer)
@@ -66,9 +69,19 @@ def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | N
     return Processor(config, tok, stats), model_file
 
 
-def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[FlowPolicy, Processor]:
-    """A self-contained pirl checkpoint (weights, norm stats, tokenizer) -> policy and processor."""
+def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu", precision: str | None = None
+                ) -> tuple[FlowPolicy, Processor]:
+    """A self-contained pirl checkpoint (weights, norm stats, tokenizer) -> policy and processor.
+
+    precision: "fp32" or "bf16" (weights in bf16, every norm in fp32); default bf16 on CUDA, else fp32.
+    """
     policy, stats = load_policy(checkpoint, device=device)
+    if precision is None:
+        precision = "bf16" if str(device).startswith("cuda") else "fp32"
+    if precision == "bf16":
+        policy.to_mixed_precision(torch.bfloat16)
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     if stats is None:
         raise ValueError(f"{checkpoint} has no norm_stats.json; it cannot process observations")
     tok_file = tokenizer_path(checkpoint)

@@ -127,35 +127,32 @@ class RLConfig:
             elif name in data:
                 kwargs[name] = load_section(types[name], data[name], f"{name}.")
         cfg = cls(**kwargs)
-        make_env_config(cfg.env, 1, 0)  # validate the env section now, not inside a worker
+        validate_env_section(cfg.env)  # fail here, not inside a worker
         return cfg
 
 
 # -- envs ------------------------------------------------------------------------------------------
-def make_env_config(section: dict, num_envs: int, seed: int):
-    section = dict(section)
-    simulator = section.pop("simulator", None)
-    section.update(num_envs=num_envs, seed=seed)
-    if simulator == "maniskill":
-        from envs.config import ManiSkillConfig
+def env_section(section: dict, num_envs: int, seed: int) -> dict:
+    """The experiment's env section (simulator + adapter fields) for one worker's batch of envs."""
+    return {**section, "num_envs": num_envs, "seed": seed}
 
-        return simulator, ManiSkillConfig.from_dict(section)
-    if simulator == "libero":
-        from envs.config import LiberoConfig
 
-        return simulator, LiberoConfig.from_dict(section)
-    raise ValueError(f"env.simulator must be 'maniskill' or 'libero', got {simulator!r}")
+def validate_env_section(section: dict) -> None:
+    """Builds the adapter's typed config (unknown keys raise) without starting a simulator."""
+    from envs.config import ConfigError, LiberoConfig, ManiSkillConfig
+
+    data = env_section(section, 1, 0)
+    simulator = data.pop("simulator", None)
+    classes = {"maniskill": ManiSkillConfig, "libero": LiberoConfig}
+    if simulator not in classes:
+        raise ConfigError(f"env.simulator must be 'maniskill' or 'libero', got {simulator!r}")
+    classes[simulator].from_dict(data)
 
 
 def make_env(section: dict, num_envs: int, seed: int):
-    simulator, cfg = make_env_config(section, num_envs, seed)
-    if simulator == "maniskill":
-        from envs.maniskill import make_maniskill_env
+    from envs import make_env as build
 
-        return make_maniskill_env(cfg)
-    from envs.libero import make_libero_env
-
-    return make_libero_env(cfg)
+    return build(env_section(section, num_envs, seed))
 
 
 # -- building the agent (picklable factories, run inside learners and workers) ---------------------
@@ -337,6 +334,8 @@ def train(cfg: RLConfig) -> dict:
                 "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
                 **{k: v for k, v in metrics.items()},
             }
+            if cluster.use_ray:
+                record["worker_restarts"] = sum(pool.restarts)
             if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
                 if cluster.use_ray:
                     pool.sync(learners.snapshot_ref())

@@ -372,7 +372,8 @@ class LocalLearner:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.version += 1
-        return {"loss": float(loss), "grad_norm": float(grad_norm), **{k: float(v) for k, v in metrics.items()}}
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                **{k: float(v) for k, v in metrics.items()}}
 
 
 def make_optimizer(agent: Agent, optim: OptimConfig) -> torch.optim.Optimizer:

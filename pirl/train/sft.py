@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 class SFTConfig:
     dataset: str = ""
     """Root of a LeRobot-format dataset (v2.x or v3.0), e.g. one written by `pirl demos`."""
-    model: str = "tiny"
-    """A model preset (tiny, tiny_pi05, pi0, pi05) or a path to a model YAML (configs/model/*.yaml)."""
+    model: dict = dataclasses.field(default_factory=lambda: {"variant": "pi0"})
+    """Fields of vla.config.ModelConfig (the Hydra group configs/model/: `model=tiny_maniskill_state`)."""
     init_checkpoint: str | None = None
     """Start from these weights (pirl / openpi / LeRobot directory); None = random init."""
     tokenizer: str | None = None

@@ -1,0 +1,166 @@
+"""`pirl` command line: demos | sft | train | eval | import.
+
+    pirl demos --task PickCube-v1 -n 200 --obs-mode state --out data/pickcube     (argparse flags)
+    pirl sft dataset=data/pickcube steps=3000                                      (Hydra overrides)
+    pirl train experiment=maniskill_pickcube_tiny run.iterations=10
+    pirl eval checkpoint=runs/.../checkpoints/iter_000029 episodes=50
+    pirl import SRC DST --model pi0 --tokenizer DIR                                (openpi / LeRobot -> pirl)
+
+Configs live in the repository's configs/ (Hydra). Every key ends in a typed dataclass field: an
+unknown or misspelt key stops the command with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+log = logging.getLogger("pirl")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def compose(config_name: str, overrides: list[str]) -> dict:
+    """Hydra compose of configs/<config_name>.yaml with command-line overrides, as plain data."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SystemExit(f"pirl: required config value(s) not set: {missing} (pass e.g. {missing[0]}=...)")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def resolve_path(path: str | None) -> str | None:
+    """Relative paths that do not exist from the working directory are tried from the repository."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = REPO / path
+    return str(candidate) if candidate.exists() else path
+
+
+def cmd_demos(argv: list[str]) -> int:
+    from envs.demos import main as demos_main
+
+    return demos_main(argv)
+
+
+def cmd_sft(argv: list[str]) -> int:
+    from pirl.config import load_section
+    from pirl.train.sft import SFTConfig, train_sft
+
+    data = compose("sft", argv)
+    cfg = load_section(SFTConfig, data)
+    path = train_sft(cfg)
+    print(path)
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from pirl.train.rl import RLConfig, train
+
+    data = compose("train", argv)
+    data["run"]["init_checkpoint"] = resolve_path(data["run"].get("init_checkpoint"))
+    result = train(RLConfig.from_dict(data))
+    history = result["history"]
+    if history:
+        first, last = history[0], history[-1]
+        evals = [h["eval_success_rate"] for h in history if "eval_success_rate" in h]
+        print(f"pirl train: {len(history)} iterations; rollout success_once {first['success_once']:.2f} -> "
+              f"{last['success_once']:.2f}" + (f"; eval success {evals[0]:.2f} -> {evals[-1]:.2f}" if evals else ""))
+    print(f"pirl train: outputs in {result['output_dir']}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    import torch
+
+    from pirl.train.rl import make_env, processor_for
+    from pirl.train.rl_core import Agent, SamplerConfig, evaluate
+    from vla.checkpoint import load_policy
+
+    data = compose("eval", argv)
+    checkpoint = resolve_path(data["checkpoint"])
+    env_section = dict(data["env"])
+    if data["videos"]:
+        out_dir = Path(data["output_dir"] or Path(checkpoint) / "eval")
+        env_section.update(record_video_envs=list(range(min(data["videos"], data["num_envs"]))),
+                           video_dir=str(out_dir / "videos"))
+    policy, _ = load_policy(checkpoint)
+    agent = Agent.build(policy, SamplerConfig(num_steps=data["num_steps"]))
+    processor = processor_for(checkpoint, data["camera_map"])
+    env = make_env(env_section, data["num_envs"], data["seed"])
+    try:
+        with torch.no_grad():
+            result = evaluate(agent, processor, env, data["episodes"], data["n_exec"], data["num_steps"], data["seed"])
+    finally:
+        env.close()
+    out_dir = Path(data["output_dir"] or Path(checkpoint) / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = env_section.get("task") or env_section.get("suite")
+    summary = {"checkpoint": str(checkpoint), "task": task, "episodes": result["episodes"],
+               "success_rate": result["success_rate"], "mean_return": result["mean_return"],
+               "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": data["num_steps"]}
+    (out_dir / "results.json").write_text(json.dumps({**summary, "per_episode": result["per_episode"]}, indent=2))
+    table = ("| task | episodes | success | mean return | mean length |\n|---|---|---|---|---|\n"
+             f"| {task} | {result['episodes']} | {result['success_rate']:.3f} | {result['mean_return']:.3f} | "
+             f"{result['mean_length']:.1f} |\n")
+    (out_dir / "results.md").write_text(table)
+    print(table)
+    print(f"pirl eval: wrote {out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_import(argv: list[str]) -> int:
+    from pirl.train.common import build_model_config
+    from vla.checkpoint import import_checkpoint, save_policy
+
+    p = argparse.ArgumentParser(prog="pirl import", description="openpi / LeRobot / transformers π0 -> pirl policy")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--model", required=True, help="preset (pi0, pi05, ...) or model YAML")
+    p.add_argument("--tokenizer", required=True, help="PaliGemma tokenizer.model (file or directory)")
+    p.add_argument("--asset-id", default=None, help="which assets/<id>/norm_stats.json to take")
+    args = p.parse_args(argv)
+    policy, stats, report = import_checkpoint(args.source, build_model_config(args.model), asset_id=args.asset_id)
+    if stats is None:
+        raise SystemExit(f"{args.source} has no norm stats; a policy needs them to act")
+    tok = Path(args.tokenizer)
+    save_policy(args.dest, policy, stats, tokenizer_file=tok / "tokenizer.model" if tok.is_dir() else tok,
+                metadata={"imported_from": str(args.source), "format": report.format,
+                          "unused_weights": report.unused_keys})
+    print(f"pirl import: {report.format} checkpoint -> {args.dest}; unused weights dropped: {report.unused_keys}")
+    return 0
+
+
+COMMANDS = {"demos": cmd_demos, "sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "import": cmd_import}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

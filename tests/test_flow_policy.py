@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-vla_testing = pytest.importorskip("vla.testing")
+import vla.testing as vla_testing
 
 from pirl.flow import (  # noqa: E402
     DenoiseGrid,

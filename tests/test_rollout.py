@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("deepspeed")
+import ray
+import deepspeed  # noqa: F401
 
 from rollout import (  # noqa: E402
     LearnerConfig,

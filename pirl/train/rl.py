@@ -117,15 +117,11 @@ class RLConfig:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise KeyError(f"unknown config section(s) {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        types = {"run": RunConfig, "sampler": SamplerConfig, "optim": OptimConfig, "gae": GAEConfig,
-                 "ppo": PPOConfig, "value": ValueLossConfig, "grpo": GRPOConfig, "cluster": ClusterConfig}
-        for name in sections:
-            if name == "env":
-                kwargs["env"] = dict(data.get("env") or {})
-            elif name in data:
-                kwargs[name] = load_section(types[name], data[name], f"{name}.")
+        kwargs: dict[str, Any] = {"env": dict(data.get("env") or {})}
+        for field in dataclasses.fields(cls):
+            if field.name != "env" and field.name in data:
+                section_type = type(field.default)  # every other section defaults to its dataclass
+                kwargs[field.name] = load_section(section_type, data[field.name], f"{field.name}.")
         cfg = cls(**kwargs)
         validate_env_section(cfg.env)  # fail here, not inside a worker
         return cfg

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -24,10 +24,11 @@ from pirl.algos.grpo import grpo_advantages, grpo_filter
 from pirl.algos.ppo import approx_kl_early_stop, ppo_policy_loss, value_loss
 from pirl.algos.stats import explained_variance
 from pirl.critic.value import ValueHead
+from pirl.flow.chain import Chain
+from pirl.flow.grid import DenoiseGrid
 from pirl.flow.likelihood import LogProbReduction, reduce_chain_log_prob
 from pirl.flow.noise_head import NoiseHead
 from pirl.flow.policy import chain_log_prob, sample_chain
-from pirl.flow.grid import DenoiseGrid
 from pirl.flow.steps import LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
 from vla.policy import FlowPolicy
@@ -184,8 +185,6 @@ def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num
             ep_lengths.append(int(info["episode_length"][i]))
             ep_success.append(bool(info["success_once"][i]))
     last_value = state_value(agent, processor, obs, generator).float().cpu()
-    from pirl.flow.chain import Chain
-
     batch = TrajectoryBatch(
         inputs=stack_inputs(inputs_t), chain=Chain.cat(chains),
         rewards=torch.stack(rewards), terminated=torch.stack(terms), truncated=torch.stack(truncs),
@@ -326,8 +325,6 @@ def ppo_update(
     `first_log_ratio` is the largest |new - old| log-prob of the first minibatch, under the weights
     the chains were sampled with: it must be ~0 (METHODS.md §6), else rollout and training disagree.
     """
-    import functools
-
     loss_fn = functools.partial(ppo_loss, sampler=sampler, optim=optim, ppo=ppo, value_cfg=value_cfg,
                                 use_value=use_value)
     sums: dict[str, list[float]] = {}
@@ -374,17 +371,6 @@ class LocalLearner:
         self.version += 1
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
                 **{k: float(v) for k, v in metrics.items()}}
-
-
-def make_optimizer(agent: Agent, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with separate learning rates for the policy, the value head and the noise head."""
-    from pirl.train.common import trainable_parameters
-
-    groups = [{"params": trainable_parameters(agent.policy, optim.trainable), "lr": optim.policy_lr}]
-    groups.append({"params": list(agent.value_head.parameters()), "lr": optim.value_lr})
-    if agent.noise_head is not None:
-        groups.append({"params": list(agent.noise_head.parameters()), "lr": optim.noise_head_lr})
-    return torch.optim.AdamW(groups, betas=optim.betas, weight_decay=optim.weight_decay)
 
 
 @torch.no_grad()

@@ -18,8 +18,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
+
+# bench/ holds scripts named like the packages (bench/envs.py): run as a script, this directory comes
+# first on sys.path and would shadow the `envs` package. Take it off.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -201,7 +201,9 @@ def processor_for(checkpoint: str, camera_map: dict) -> Processor:
 
 
 def iteration_seed(base: int, iteration: int, worker: int) -> int:
-    return (base * 1_000_003 + iteration * 7_919 + worker * 104_729) % 2**31
+    """Env/noise seed of one iteration on one worker. Offset by 10^6 so training never replays the
+    small seeds that demos (0, 1, ...) and evaluation (run.eval_seed) use."""
+    return (1_000_000 + base * 1_000_003 + iteration * 7_919 + worker * 104_729) % 2**31
 
 
 # -- worker-side functions (shipped to Ray workers; also run in-process) ---------------------------

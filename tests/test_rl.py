@@ -34,7 +34,7 @@ def init_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
     cfg = tiny("pi0").replace(state_dim=STATE_DIM, camera_names=("base_0_rgb",))
     torch.manual_seed(0)
-    tok = build_test_tokenizer(root / "tok", extra_corpus=list(MANISKILL_TASKS.values()))
+    build_test_tokenizer(root / "tok", extra_corpus=list(MANISKILL_TASKS.values()))
     rng = np.random.default_rng(0)
     stats = {"state": NormStats.from_data(rng.normal(size=(200, STATE_DIM))),
              "actions": NormStats.from_data(rng.normal(scale=0.3, size=(200, 7)))}

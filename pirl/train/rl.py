@@ -303,6 +303,8 @@ def train(cfg: RLConfig) -> dict:
             # 2. rollouts
             if cluster.use_ray:
                 batch = TrajectoryBatch.cat_envs(pool.map(rollout_on_worker, cfg, iteration))
+                if batch.weight_version != version:  # a worker rolled out with other weights
+                    raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
             else:
                 batch = rollout_on_worker(worker, cfg, iteration)
             t2 = time.perf_counter()
@@ -334,6 +336,7 @@ def train(cfg: RLConfig) -> dict:
             }
             if cluster.use_ray:
                 record["worker_restarts"] = sum(pool.restarts)
+                record["weight_version"] = version
             if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
                 if cluster.use_ray:
                     pool.sync(learners.snapshot_ref())

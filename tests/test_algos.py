@@ -274,7 +274,7 @@ def test_registry_and_strict_configs():
     with pytest.raises(KeyError):
         algos.get("no_such_loss")
     assert from_dict(PPOConfig, {"clip_eps": 0.1}).clip_eps == 0.1
-    with pytest.raises(TypeError, match="clip_esp"):
+    with pytest.raises(KeyError, match="clip_esp"):
         from_dict(PPOConfig, {"clip_esp": 0.1})
     with pytest.raises(Exception):
         PPOConfig().clip_eps = 0.3  # frozen

@@ -6,7 +6,6 @@ The functions themselves take plain keyword arguments, so ``gae(..., **asdict(cf
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, TypeVar
 
@@ -70,10 +69,10 @@ class GRPOConfig:
 
 
 def from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ``TypeError`` naming them."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise TypeError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``KeyError`` naming them.
+
+    The one strict loader of the project (``pirl.config.load_section``), re-exported here.
+    """
+    from pirl.config import load_section
+
+    return load_section(cls, values)

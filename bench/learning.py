@@ -71,7 +71,10 @@ def plot(results: list[dict], path: Path) -> None:
             if "eval_success_rate" in h:
                 ex.append(cumulative)
                 ey.append(h["eval_success_rate"])
-        line, = ax.plot(xs, ys, label=f"{res['method']} (rollout)", alpha=0.8)
+        window = 5  # one iteration is only 16-32 episodes: show a running mean over 5 iterations too
+        smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+        line, = ax.plot(xs, ys, alpha=0.25)
+        ax.plot(xs, smooth, color=line.get_color(), label=f"{res['method']} (rollout, mean of {window} iterations)")
         if ex:
             ax.plot(ex, ey, "o--", color=line.get_color(), label=f"{res['method']} (eval, ODE)")
     ax.set_xlabel("env steps")
@@ -102,9 +105,11 @@ def main(argv=None) -> None:
         extra = list(args.overrides)
         if args.quick:
             extra += ["cluster.envs_per_worker=4", "run.num_chunks=10", "run.eval_every=0", "optim.minibatch_size=40"]
-        results = [run_method(m, args.iterations, extra, Path(args.runs)) for m in args.methods]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
+        results = []
+        for method in args.methods:  # written after every method: a long bench keeps what it finished
+            results.append(run_method(method, args.iterations, extra, Path(args.runs)))
+            out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, out.with_suffix(".png"))
     table = render_table(results)
     out.with_suffix(".md").write_text(table)

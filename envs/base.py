@@ -195,31 +195,48 @@ class VLAEnv:
         crashed_mask = np.zeros(num, dtype=bool)
         exec_mask = np.zeros((num, n_exec), dtype=bool)
         active = np.ones(num, dtype=bool)
-        for k in range(n_exec):
-            indices = np.flatnonzero(active).tolist()
-            if not indices:
-                break
-            results, crashed = self.backend.step_envs(indices, executed[indices, k])
-            for i in crashed:
-                # The episode is lost with the process: end it as truncated, keep the last obs.
-                self.crash_log.append(i)
-                crashed_mask[i] = True
-                truncated[i] = True
+
+        def crash(i: int, k: int) -> None:
+            # The episode is lost with the process: end it as truncated, keep the last obs.
+            self.crash_log.append(i)
+            crashed_mask[i] = True
+            truncated[i] = True
+            active[i] = False
+            log.warning("env %d crashed at chunk step %d; worker restarted, episode truncated", i, k)
+
+        def record(i: int, k: int, result) -> None:
+            obs, rew, term, trunc, info = result
+            exec_mask[i, k] = True
+            self._obs[i] = obs
+            reward[i] += rew
+            self._ep_return[i] += rew
+            self._ep_length[i] += 1
+            self._success[i] = bool(info.get("success", False))
+            self._success_once[i] |= self._success[i]
+            if i in self._recorders:
+                self._recorders[i].add(self._frame(obs, info))
+            if term or trunc:
+                terminated[i], truncated[i] = bool(term), bool(trunc) and not term
                 active[i] = False
-                log.warning("env %d crashed at chunk step %d; worker restarted, episode truncated", i, k)
-            for i, (obs, rew, term, trunc, info) in results.items():
-                exec_mask[i, k] = True
-                self._obs[i] = obs
-                reward[i] += rew
-                self._ep_return[i] += rew
-                self._ep_length[i] += 1
-                self._success[i] = bool(info.get("success", False))
-                self._success_once[i] |= self._success[i]
-                if i in self._recorders:
-                    self._recorders[i].add(self._frame(obs, info))
-                if term or trunc:
-                    terminated[i], truncated[i] = bool(term), bool(trunc) and not term
-                    active[i] = False
+
+        if hasattr(self.backend, "step_envs_chunk"):
+            # Process pools: the whole sub-chunk in one message per env.
+            results, crashed = self.backend.step_envs_chunk(list(range(num)), executed)
+            for i in crashed:
+                crash(i, 0)
+            for i, steps in results.items():
+                for k, result in enumerate(steps):
+                    record(i, k, result)
+        else:
+            for k in range(n_exec):
+                indices = np.flatnonzero(active).tolist()
+                if not indices:
+                    break
+                results, crashed = self.backend.step_envs(indices, executed[indices, k])
+                for i in crashed:
+                    crash(i, k)
+                for i, result in results.items():
+                    record(i, k, result)
         done = terminated | truncated
         final_obs = stack_obs(self._obs, list(self.spec.cameras))
         info = {
@@ -279,13 +296,27 @@ class PoolBackend:
         self.num_envs = pool.num_envs
 
     def env_spec(self) -> EnvSpec:
-        return self.pool.specs[0]
+        """The envs' common spec; a batch whose envs disagree on shapes cannot be stacked."""
+        first = self.pool.specs[0]
+        for i, spec in enumerate(self.pool.specs):
+            for field in ("state_dim", "action_dim", "cameras", "control_mode"):
+                if getattr(spec, field) != getattr(first, field):
+                    raise ValueError(
+                        f"env {i} has {field}={getattr(spec, field)!r} but env 0 has {getattr(first, field)!r}: "
+                        "the envs of one batch (e.g. a multi-task list) must give observations and actions "
+                        "of one shape (ManiSkill: obs_mode 'rgb' with shared state_keys)")
+        return first
 
     def reset_envs(self, indices, seeds, hard=False):
         return self.pool.call_many("reset", list(indices), [(int(s), bool(hard)) for s in seeds])
 
     def step_envs(self, indices, actions):
         return self.pool.call_many("step", list(indices), list(actions))
+
+    def step_envs_chunk(self, indices, actions):
+        """actions [len(indices), n, d]: each env runs its n actions in its own process, stopping at
+        its episode end; returns ({index: [step results]}, crashed)."""
+        return self.pool.call_many("step_chunk", list(indices), list(actions))
 
     def close(self) -> None:
         self.pool.close()

@@ -143,6 +143,10 @@ class CommonEnvConfig(_Config):
 @dataclass(frozen=True)
 class ManiSkillConfig(CommonEnvConfig):
     task: str = "PickCube-v1"
+    # Multi-task batch (CPU backend): env i runs tasks[i % len(tasks)] with that task's instruction;
+    # when set, `task` is ignored. The tasks must give observations of one shape (obs_mode "rgb" with
+    # shared state_keys does; "state" vectors differ between most tasks).
+    tasks: tuple[str, ...] = ()
     # "cpu": one process per env (SAPIEN CPU sim); "gpu": one process, num_envs batched on CUDA.
     backend: str = "cpu"
     # "state": privileged flat state vector, no images; "rgb": cameras + proprio state.
@@ -171,10 +175,15 @@ class ManiSkillConfig(CommonEnvConfig):
             raise ConfigError(f"control_mode {self.control_mode!r}: one of {CONTROL_MODES}")
         if self.reward_mode not in REWARD_MODES:
             raise ConfigError(f"reward_mode {self.reward_mode!r}: one of {REWARD_MODES}")
-        if self.prompt is None and self.task not in MANISKILL_TASKS:
-            raise ConfigError(
-                f"task {self.task!r} has no built-in instruction; known: {sorted(MANISKILL_TASKS)}"
-                " (or set prompt=...)")
+        for task in self.tasks or (self.task,):
+            if self.prompt is None and task not in MANISKILL_TASKS:
+                raise ConfigError(
+                    f"task {task!r} has no built-in instruction; known: {sorted(MANISKILL_TASKS)}"
+                    " (or set prompt=...)")
+        if self.tasks and self.backend != "cpu":
+            raise ConfigError("tasks (a multi-task batch) needs backend 'cpu': the GPU sim runs one task")
+        if self.tasks and self.prompt is not None:
+            raise ConfigError("prompt overrides one task's instruction; it cannot be set with tasks")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ConfigError("max_episode_steps must be >= 1")
         if self.obs_mode == "rgb" and not self.cameras:
@@ -183,6 +192,12 @@ class ManiSkillConfig(CommonEnvConfig):
     @property
     def instruction(self) -> str:
         return self.prompt if self.prompt is not None else MANISKILL_TASKS[self.task]
+
+    def env_task(self, index: int) -> ManiSkillConfig:
+        """The single-task config of env `index` (itself when there is no task list)."""
+        if not self.tasks:
+            return self
+        return dataclasses.replace(self, task=self.tasks[index % len(self.tasks)], tasks=())
 
 
 @dataclass(frozen=True)

@@ -327,10 +327,15 @@ def make_maniskill_env(cfg: ManiSkillConfig | dict) -> VLAEnv:
     """Build the batched env for a ManiSkill config (a ManiSkillConfig or a plain dict)."""
     if isinstance(cfg, dict):
         cfg = ManiSkillConfig.from_dict(cfg)
-    check_assets(cfg.task)  # fail fast in this process, before any worker starts
+    for task in cfg.tasks or (cfg.task,):
+        check_assets(task)  # fail fast in this process, before any worker starts
     if cfg.backend == "gpu":
         backend = ManiSkillGPUBackend(cfg)
     else:
-        factories = [_SingleEnvFactory(cfg, i in cfg.record_video_envs) for i in range(cfg.num_envs)]
+        factories = [_SingleEnvFactory(cfg.env_task(i), i in cfg.record_video_envs) for i in range(cfg.num_envs)]
         backend = PoolBackend(SubprocEnvPool(factories, timeout_s=cfg.worker_timeout_s))
-    return VLAEnv(backend, cfg)
+    try:
+        return VLAEnv(backend, cfg)
+    except Exception:
+        backend.close()  # e.g. a multi-task batch whose shapes disagree: stop the workers it started
+        raise

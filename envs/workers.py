@@ -56,6 +56,14 @@ def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
                 result = env.reset(*payload)
             elif cmd == "step":
                 result = env.step(payload)
+            elif cmd == "step_chunk":
+                # Several actions in one message (one pipe round trip per chunk, not per step);
+                # stops after the step that ends the episode, exactly as stepping one by one would.
+                result = []
+                for action in payload:
+                    result.append(env.step(action))
+                    if result[-1][2] or result[-1][3]:
+                        break
             elif cmd == "call":
                 name, args = payload
                 result = getattr(env, name)(*args)

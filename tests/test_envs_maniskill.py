@@ -210,3 +210,31 @@ def test_state_mode_video_uses_render_camera(tmp_path):
     assert os.listdir(tmp_path) == ["env001_ep0000.mp4"]  # only the chosen env is recorded
     frames = read_mp4(str(tmp_path / "env001_ep0000.mp4"))
     assert frames.shape == (5, 64, 64, 3) and frames.std() > 10
+
+
+def test_multitask_batch_gives_each_env_its_task_and_instruction():
+    from envs.config import MANISKILL_TASKS
+
+    tasks = ("PickCube-v1", "PushCube-v1")
+    env = make_maniskill_env(dict(tasks=list(tasks), num_envs=3, obs_mode="rgb", image_size=(32, 32),
+                                  max_episode_steps=LIMIT, reward_mode="sparse", seed=3))
+    try:
+        obs = env.reset(seed=3)
+        # env i runs tasks[i % 2]: the prompts tell them apart, the shapes are shared
+        assert obs["prompt"] == [MANISKILL_TASKS[t] for t in (tasks[0], tasks[1], tasks[0])]
+        assert obs["images"]["base_camera"].shape == (3, 32, 32, 3)
+        _, reward, _, _, info = env.step_chunk(_random_chunks(1, 3, 4, 7)[0], n_exec=4)
+        assert reward.shape == (3,) and info["exec_mask"].all()
+    finally:
+        env.close()
+
+
+def test_multitask_batch_with_different_state_shapes_is_a_clear_error():
+    from envs.config import ConfigError
+
+    with pytest.raises(ValueError, match="state_dim"):
+        make_maniskill_env(dict(tasks=["PickCube-v1", "PushCube-v1"], num_envs=2, obs_mode="state"))
+    with pytest.raises(ConfigError, match="no built-in instruction"):
+        ManiSkillConfig.from_dict(dict(tasks=["PickCube-v1", "NotATask-v0"]))
+    with pytest.raises(ConfigError, match="backend 'cpu'"):
+        ManiSkillConfig.from_dict(dict(tasks=["PickCube-v1"], backend="gpu"))

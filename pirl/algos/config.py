@@ -50,6 +50,10 @@ class ValueLossConfig:
     clip_eps: float | None = 0.2
     """Value clipping: new values are kept within old_values +- clip_eps (pessimistic max of the
     clipped and unclipped losses). None disables it."""
+    detach_features: bool = False
+    """Stop the value loss's gradient at the policy features it reads (π0: the expert's pooled tokens;
+    π0.5: the prefix), so only the value head learns from it. Shared (False) is πRL's setting; with a
+    small expert the value gradient dominates the clipped global grad norm and drags the velocity field."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,17 @@ class TrajectoryBatch:
     mask_dims: Tensor  # [D] bool: real action dims
 
     @property
+    def first_episode_success(self) -> Tensor:
+        """[B] bool: success_once of each env's first episode in this batch (the one that starts at
+        the batch's reset), or of the still-running episode if it never ended.
+
+        Unlike `episode_success` this is unbiased: a success ends an episode early, so the episodes
+        that *finish* inside a fixed window over-represent short, successful ones."""
+        done = self.terminated | self.truncated
+        first = torch.where(done.any(0), done.float().argmax(0), torch.full_like(done[0], self.horizon - 1, dtype=torch.long))
+        return self.success.gather(0, first[None]).squeeze(0)
+
+    @property
     def horizon(self) -> int:
         return self.rewards.shape[0]
 

@@ -325,7 +325,9 @@ def train(cfg: RLConfig) -> dict:
             record = {
                 "iteration": iteration,
                 "env_steps": batch.env_steps,
-                "success_once": float(np.mean(ended)) if ended else float(batch.success[-1].float().mean()),
+                # one episode per env, from the iteration's reset: unbiased (see first_episode_success)
+                "success_once": float(batch.first_episode_success.float().mean()),
+                "success_finished_episodes": float(np.mean(ended)) if ended else float("nan"),
                 "episodes": len(ended),
                 "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
                 "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),

@@ -54,6 +54,11 @@ class SamplerConfig:
     noise_std_min: float = 0.08
     noise_std_max: float = 0.16
     """Flow-Noise std bounds (πRL: 0.08-0.16)."""
+    log_prob_granularity: Literal["chunk", "action", "element"] = "chunk"
+    """One PPO ratio per chunk, per action step, or per element (advantage broadcast; METHODS.md §4).
+    A chunk ratio multiplies the ratios of all its n_exec x D elements, so the clip stops the update
+    once the mean has moved by about clip/sqrt(n_exec*D) noise stds; per element it moves ~sqrt(35)x
+    further per iteration for a 5x7 sub-chunk."""
     log_prob_reduce: Literal["sum", "mean"] = "sum"
     """Sum (exact log-likelihood) or mean over executed steps x real dims (RLinf-style scaling)."""
     include_initial: bool = False
@@ -69,7 +74,7 @@ class SamplerConfig:
 
     @property
     def reduction(self) -> LogProbReduction:
-        return LogProbReduction(reduce=self.log_prob_reduce, granularity="chunk",
+        return LogProbReduction(reduce=self.log_prob_reduce, granularity=self.log_prob_granularity,
                                 include_initial=self.include_initial, step_reduce=self.step_reduce)
 
 
@@ -272,6 +277,18 @@ def ppo_minibatches(batch: TrajectoryBatch, advantages: Tensor, returns: Tensor,
                            valid=flat_valid[idx], mask_exec=batch.mask_exec, mask_dims=batch.mask_dims)
 
 
+def ratio_valid_mask(mb: PPOMinibatch, granularity: str) -> Tensor:
+    """Which PPO ratios count: valid chunks [B], and at finer granularity only executed steps [B, H]
+    and real action dims [B, H, D] (METHODS.md §4: log-probs only over the executed sub-chunk)."""
+    valid = mb.valid
+    if granularity == "chunk":
+        return valid
+    steps = valid[:, None] * mb.mask_exec.to(valid.dtype).reshape(1, -1)
+    if granularity == "action":
+        return steps
+    return steps[:, :, None] * mb.mask_dims.to(valid.dtype).reshape(1, 1, -1)
+
+
 def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: OptimConfig, ppo: PPOConfig,
              value_cfg: ValueLossConfig, use_value: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO loss of one minibatch (METHODS.md §2-4): clipped surrogate on the chain log-prob of
@@ -286,19 +303,23 @@ def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: Opti
         prefix = policy.embed_prefix(mb.inputs)
     lp = chain_log_prob(policy, None, mb.chain, agent.rule(sampler), sampler.reduction, prefix=prefix,
                         mask_exec=mb.mask_exec, mask_dims=mb.mask_dims)
-    pi_loss, metrics = ppo_policy_loss(lp.log_prob, mb.old_log_probs, mb.advantages, mb.valid,
+    ratio_mask = ratio_valid_mask(mb, sampler.log_prob_granularity)
+    pi_loss, metrics = ppo_policy_loss(lp.log_prob, mb.old_log_probs, mb.advantages, ratio_mask,
                                        clip_eps=ppo.clip_eps, dual_clip=ppo.dual_clip,
                                        normalize_advantages=ppo.normalize_advantages, adv_norm_eps=ppo.adv_norm_eps)
     loss = pi_loss
     metrics = {**metrics, "policy_loss": pi_loss.detach(),
                "log_ratio_max_abs": (lp.log_prob.detach() - mb.old_log_probs).abs().max()}
     if use_value:
-        v = agent.value_head.value(policy, prefix, mb.chain.initial_noise)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not value_cfg.detach_features):
+            features = agent.value_head.features(policy, prefix, mb.chain.initial_noise)
+        v = agent.value_head(features)
         v_loss, v_metrics = value_loss(v, mb.old_values, mb.returns, mb.valid, loss_type=value_cfg.loss_type,
                                        huber_delta=value_cfg.huber_delta, clip_eps=value_cfg.clip_eps)
         loss = loss + optim.value_coef * v_loss
         metrics = {**metrics, **v_metrics, "value_loss": v_loss.detach()}
-    entropy = (lp.entropy * mb.valid).sum() / mb.valid.sum().clamp_min(1.0)
+    chunk_entropy = lp.entropy.reshape(lp.entropy.shape[0], -1).sum(-1)  # per chunk at any granularity
+    entropy = (chunk_entropy * mb.valid).sum() / mb.valid.sum().clamp_min(1.0)
     if sampler.kind == "flow_noise":
         loss = loss - optim.entropy_coef * entropy
     metrics["entropy"] = entropy.detach()

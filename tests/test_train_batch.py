@@ -47,3 +47,56 @@ def test_ratio_mask_counts_only_executed_steps_and_real_dims():
     element = ratio_valid_mask(mb, "element")
     assert element.shape == (3, 4, 5) and element.sum() == 2 * 2 * 3
     assert element[1].sum() == 0 and element[:, 2:].sum() == 0 and element[:, :, 3:].sum() == 0
+
+
+def _loss_inputs(granularity: str):
+    from pirl.flow.policy import sample_chain
+    from pirl.flow.grid import DenoiseGrid
+    from pirl.flow.likelihood import reduce_chain_log_prob
+    from pirl.train.rl_core import Agent, PPOMinibatch, SamplerConfig
+    from vla.testing import random_inputs, tiny_policy
+
+    policy = tiny_policy(seed=0)
+    sampler = SamplerConfig(log_prob_granularity=granularity)
+    agent = Agent.build(policy, sampler)
+    torch.nn.init.normal_(agent.value_head.mlp[-1].weight, std=0.1)  # zero-initialised: open the path
+    inputs = random_inputs(policy, 4, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        chain = sample_chain(policy, inputs, grid=DenoiseGrid.uniform(sampler.num_steps), generator=generator)
+    horizon, dims = chain.actions.shape[1:]
+    mask_exec = torch.arange(horizon) < 3
+    mask_dims = torch.arange(dims) < dims - 1
+    old = reduce_chain_log_prob(chain, sampler.reduction, mask_exec=mask_exec, mask_dims=mask_dims)
+    mb = PPOMinibatch(inputs=inputs, chain=chain, old_log_probs=old, advantages=torch.tensor([1.0, -1.0, 0.5, 2.0]),
+                      returns=torch.tensor([3.0, -2.0, 1.0, 5.0]), old_values=torch.zeros(4), valid=torch.ones(4),
+                      mask_exec=mask_exec, mask_dims=mask_dims)
+    return agent, sampler, mb
+
+
+def _expert_grad_norm(agent) -> float:
+    expert = agent.policy.paligemma_with_expert.gemma_expert
+    return sum(float(p.grad.norm()) for p in expert.parameters() if p.grad is not None)
+
+
+def test_detached_value_features_keep_the_value_loss_out_of_the_expert():
+    from pirl.algos.config import PPOConfig, ValueLossConfig
+    from pirl.train.rl_core import OptimConfig, ppo_loss
+
+    for detach in (False, True):
+        agent, sampler, mb = _loss_inputs("element")
+        loss, metrics = ppo_loss(agent, mb, sampler, OptimConfig(), PPOConfig(),
+                                 ValueLossConfig(detach_features=detach))
+        # unchanged weights: every element's ratio is 1 (the mask-aware loss sees the same log-probs)
+        assert float(metrics["log_ratio_max_abs"]) < 1e-5
+        # only the value loss: the policy term's gradient is removed by zeroing the advantages
+        agent.zero_grad()
+        mb.advantages.zero_()
+        loss, _ = ppo_loss(agent, mb, sampler, OptimConfig(), PPOConfig(), ValueLossConfig(detach_features=detach))
+        loss.backward()
+        head = sum(float(p.grad.norm()) for p in agent.value_head.parameters() if p.grad is not None)
+        assert head > 0
+        if detach:
+            assert _expert_grad_norm(agent) == 0.0
+        else:
+            assert _expert_grad_norm(agent) > 0.0

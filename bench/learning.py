@@ -77,6 +77,11 @@ def plot(results: list[dict], path: Path) -> None:
         ax.plot(xs, smooth, color=line.get_color(), label=f"{res['method']} (rollout, mean of {window} iterations)")
         if ex:
             ax.plot(ex, ey, "o--", color=line.get_color(), label=f"{res['method']} (eval, ODE)")
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "pickcube_tiny_sft" / "config.json"
+    if shipped.exists():  # the SFT policy's evaluation when it was shipped (32 unseen seeds, K = 4)
+        level = json.loads(shipped.read_text()).get("metadata", {}).get("eval_at_ship", {}).get("success_rate_K4")
+        if level is not None:
+            ax.axhline(level, color="gray", ls=":", label=f"SFT level (eval, K=4): {level:.2f}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("success_once")
     ax.set_ylim(-0.02, 1.02)

@@ -26,7 +26,7 @@ from pirl.algos.stats import explained_variance
 from pirl.critic.value import ValueHead
 from pirl.flow.chain import Chain
 from pirl.flow.grid import DenoiseGrid
-from pirl.flow.likelihood import LogProbReduction, reduce_chain_log_prob
+from pirl.flow.likelihood import LogProbReduction, element_mask, reduce_chain_log_prob
 from pirl.flow.noise_head import NoiseHead
 from pirl.flow.policy import chain_log_prob, sample_chain
 from pirl.flow.steps import LearnedNoiseRule, SDERule
@@ -280,13 +280,12 @@ def ppo_minibatches(batch: TrajectoryBatch, advantages: Tensor, returns: Tensor,
 def ratio_valid_mask(mb: PPOMinibatch, granularity: str) -> Tensor:
     """Which PPO ratios count: valid chunks [B], and at finer granularity only executed steps [B, H]
     and real action dims [B, H, D] (METHODS.md §4: log-probs only over the executed sub-chunk)."""
-    valid = mb.valid
     if granularity == "chunk":
-        return valid
-    steps = valid[:, None] * mb.mask_exec.to(valid.dtype).reshape(1, -1)
-    if granularity == "action":
-        return steps
-    return steps[:, :, None] * mb.mask_dims.to(valid.dtype).reshape(1, 1, -1)
+        return mb.valid
+    horizon, dims = mb.mask_exec.shape[-1], mb.mask_dims.shape[-1]
+    elements = element_mask(len(mb.valid), horizon, dims, mb.mask_exec, mb.mask_dims, device=mb.valid.device)
+    elements = elements.to(mb.valid.dtype) * mb.valid[:, None, None]
+    return elements.amax(-1) if granularity == "action" else elements
 
 
 def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: OptimConfig, ppo: PPOConfig,

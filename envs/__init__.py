@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ActionError, EnvSpec, VLAEnv
-from .config import ConfigError, LiberoConfig, ManiSkillConfig
+from .config import ConfigError, LiberoConfig, ManiSkillConfig, ToyConfig
 
-__all__ = ["ActionError", "ConfigError", "EnvSpec", "LiberoConfig", "ManiSkillConfig", "VLAEnv", "make_env"]
+__all__ = ["ActionError", "ConfigError", "EnvSpec", "LiberoConfig", "ManiSkillConfig", "ToyConfig", "VLAEnv", "make_env"]
 
 
-def make_env(cfg: ManiSkillConfig | LiberoConfig | dict[str, Any]) -> VLAEnv:
-    """Build a batched env from a config object, or a dict with "simulator": maniskill | libero."""
+def make_env(cfg: ManiSkillConfig | LiberoConfig | ToyConfig | dict[str, Any]) -> VLAEnv:
+    """Build a batched env from a config object, or a dict with "simulator": maniskill | libero | toy."""
     if isinstance(cfg, dict):
         cfg = dict(cfg)
         simulator = cfg.pop("simulator", None)
@@ -26,8 +26,10 @@ def make_env(cfg: ManiSkillConfig | LiberoConfig | dict[str, Any]) -> VLAEnv:
             cfg = ManiSkillConfig.from_dict(cfg)
         elif simulator == "libero":
             cfg = LiberoConfig.from_dict(cfg)
+        elif simulator == "toy":
+            cfg = ToyConfig.from_dict(cfg)
         else:
-            raise ConfigError(f"env config needs simulator: maniskill | libero (got {simulator!r})")
+            raise ConfigError(f"env config needs simulator: maniskill | libero | toy (got {simulator!r})")
     if isinstance(cfg, ManiSkillConfig):
         from .maniskill import make_maniskill_env
 
@@ -36,4 +38,8 @@ def make_env(cfg: ManiSkillConfig | LiberoConfig | dict[str, Any]) -> VLAEnv:
         from .libero import make_libero_env
 
         return make_libero_env(cfg)
+    if isinstance(cfg, ToyConfig):
+        from .toy import make_toy_env
+
+        return make_toy_env(cfg)
     raise TypeError(f"not an env config: {type(cfg).__name__}")

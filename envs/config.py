@@ -237,3 +237,29 @@ class LiberoConfig(CommonEnvConfig):
     @property
     def episode_limit(self) -> int:
         return self.max_episode_steps if self.max_episode_steps is not None else LIBERO_SUITES[self.suite]
+
+
+@dataclass(frozen=True)
+class ToyConfig(CommonEnvConfig):
+    """A learnable toy task that runs in microseconds (envs/toy.py): an RL sanity check.
+
+    Each episode lasts `episode_steps` steps; it succeeds (reward 1 at the last step, 0 otherwise)
+    iff the mean of action dim `action_index` over the episode exceeds `threshold` (env units). The
+    state is a fixed random vector per episode. A correct RL setup raises the success rate within a
+    few iterations; a sign, ratio or masking bug leaves it flat or lowers it.
+    """
+
+    state_dim: int = 8
+    action_dim: int = 7
+    episode_steps: int = 5
+    action_index: int = 0
+    threshold: float = 0.0
+    state_scale: float = 0.1
+    prompt: str = "move along the first action axis"
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.state_dim, self.action_dim, self.episode_steps) < 1:
+            raise ConfigError("state_dim, action_dim and episode_steps must be >= 1")
+        if not 0 <= self.action_index < self.action_dim:
+            raise ConfigError(f"action_index {self.action_index} outside [0, action_dim={self.action_dim})")

@@ -67,7 +67,7 @@ def test_gae_columns_independent_and_shape_checks():
     r = torch.zeros(4, 3)
     v = torch.arange(12.0).reshape(4, 3)
     d = torch.zeros(4, 3, dtype=torch.bool)
-    adv, ret = gae(r, v, d, d, last_value=torch.ones(3), **vars(GAEConfig()))
+    adv, ret = gae(r, v, d, d, last_value=torch.ones(3), gamma=GAEConfig().gamma, lam=GAEConfig().lam)
     # gamma = 1 would be needed for a constant; just check returns == adv + values and shape.
     assert adv.shape == (4, 3) and torch.allclose(ret, adv + v)
     with pytest.raises(ValueError):

@@ -100,3 +100,33 @@ def test_detached_value_features_keep_the_value_loss_out_of_the_expert():
             assert _expert_grad_norm(agent) == 0.0
         else:
             assert _expert_grad_norm(agent) > 0.0
+
+
+def test_minibatches_without_valid_rows_take_no_optimizer_step():
+    # GRPO masks out groups without signal; when nothing is left, Adam must not step on a zero loss
+    # (its momentum would still move the weights).
+    from pirl.algos.config import PPOConfig, ValueLossConfig
+    from pirl.train.rl_core import OptimConfig, ppo_update
+
+    agent, sampler, mb = _loss_inputs("chunk")
+    zeros = torch.zeros(1, 4)
+    batch = TrajectoryBatch(inputs=mb.inputs, chain=mb.chain, rewards=zeros, terminated=zeros.bool(),
+                            truncated=zeros.bool(), values=zeros, truncated_values=zeros, last_value=zeros[0],
+                            success=zeros.bool(), episode_returns=[], episode_lengths=[], episode_success=[],
+                            env_steps=0, weight_version=0, mask_exec=mb.mask_exec, mask_dims=mb.mask_dims)
+    steps = []
+
+    def train_step(minibatch, loss_fn):
+        steps.append(int(minibatch.valid.sum()))
+        return {"approx_kl": 0.0}
+
+    optim = OptimConfig(update_epochs=2, minibatch_size=2)
+    common = dict(sampler=sampler, optim=optim, ppo=PPOConfig(), value_cfg=ValueLossConfig(), use_value=False)
+    valid = torch.tensor([[True, False, False, False]])
+    out = ppo_update(agent, train_step, batch, zeros, zeros, generator=torch.Generator().manual_seed(0),
+                     valid=valid, **common)
+    assert steps == [1, 1] and out["minibatches_skipped"] == 2  # one of the two minibatches per epoch
+    steps.clear()
+    out = ppo_update(agent, train_step, batch, zeros, zeros, generator=torch.Generator().manual_seed(0),
+                     valid=torch.zeros(1, 4, dtype=torch.bool), **common)
+    assert steps == [] and out["minibatches_skipped"] == 4

@@ -2,7 +2,7 @@
 
 Each field is one hyperparameter with its default from METHODS.md §4. Build them from YAML/dicts with
 :func:`from_dict`, which rejects unknown keys (a misspelt key is an error, never silently ignored).
-The functions themselves take plain keyword arguments, so ``gae(..., **asdict(cfg))`` works.
+The functions themselves take plain keyword arguments (the trainer passes each field by name).
 """
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ class GAEConfig:
     """Discount per chunk step."""
     lam: float = 0.95
     """GAE lambda: 0 = one-step TD, 1 = Monte Carlo."""
+    reward_scale: float = 1.0
+    """Rewards are multiplied by this before GAE, so values and returns live in the scaled units.
+    The value head starts at 0 and its output moves ~value_lr per Adam step: ManiSkill's dense reward
+    (returns ~40 per 100-step episode) needs ~0.03 to put returns at O(1), where the Huber delta and
+    the value clip are meant to act."""
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class ClusterConfig:
 class RLConfig:
     run: RunConfig = RunConfig()
     env: dict = dataclasses.field(default_factory=dict)
-    """Simulator config: `simulator: maniskill | libero` plus that adapter's fields."""
+    """Simulator config: `simulator: maniskill | libero | toy` plus that adapter's fields."""
     sampler: SamplerConfig = SamplerConfig()
     optim: OptimConfig = OptimConfig()
     gae: GAEConfig = GAEConfig()
@@ -135,13 +135,13 @@ def env_section(section: dict, num_envs: int, seed: int) -> dict:
 
 def validate_env_section(section: dict) -> None:
     """Builds the adapter's typed config (unknown keys raise) without starting a simulator."""
-    from envs.config import ConfigError, LiberoConfig, ManiSkillConfig
+    from envs.config import ConfigError, LiberoConfig, ManiSkillConfig, ToyConfig
 
     data = env_section(section, 1, 0)
     simulator = data.pop("simulator", None)
-    classes = {"maniskill": ManiSkillConfig, "libero": LiberoConfig}
+    classes = {"maniskill": ManiSkillConfig, "libero": LiberoConfig, "toy": ToyConfig}
     if simulator not in classes:
-        raise ConfigError(f"env.simulator must be 'maniskill' or 'libero', got {simulator!r}")
+        raise ConfigError(f"env.simulator must be one of {sorted(classes)}, got {simulator!r}")
     classes[simulator].from_dict(data)
 
 

@@ -202,8 +202,9 @@ def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num
 
 
 def compute_advantages(batch: TrajectoryBatch, gae_cfg: GAEConfig) -> tuple[Tensor, Tensor]:
-    """Chunk-level GAE with truncation bootstrapping; returns (advantages, returns), [T, B]."""
-    return gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.last_value,
+    """Chunk-level GAE with truncation bootstrapping; returns (advantages, returns), [T, B].
+    Rewards are scaled by `gae_cfg.reward_scale` (the value head predicts scaled returns)."""
+    return gae(batch.rewards * gae_cfg.reward_scale, batch.values, batch.terminated, batch.truncated, batch.last_value,
                gamma=gae_cfg.gamma, lam=gae_cfg.lam, truncated_values=batch.truncated_values)
 
 
@@ -349,11 +350,16 @@ def ppo_update(
                                 use_value=use_value)
     sums: dict[str, list[float]] = {}
     first_log_ratio = None
-    epochs_run = 0
+    epochs_run = skipped = 0
     for _epoch in range(optim.update_epochs):
         epochs_run += 1
         stop = False
         for mb in ppo_minibatches(batch, advantages, returns, sampler, optim.minibatch_size, generator, valid):
+            if not bool(mb.valid.any()):
+                # Nothing to learn from (e.g. GRPO groups without signal): a step on a zero loss
+                # would still move the weights along Adam's momentum.
+                skipped += 1
+                continue
             metrics = train_step(mb, loss_fn)
             if first_log_ratio is None:
                 first_log_ratio = metrics.get("log_ratio_max_abs", float("nan"))
@@ -367,6 +373,7 @@ def ppo_update(
     out = {k: float(np.mean(v)) for k, v in sums.items() if k not in ("version", "log_ratio_max_abs")}
     out["first_log_ratio"] = float(first_log_ratio) if first_log_ratio is not None else float("nan")
     out["epochs_run"] = epochs_run
+    out["minibatches_skipped"] = skipped
     if use_value:
         out["explained_variance"] = float(explained_variance(batch.values.reshape(-1), returns.reshape(-1)))
     return out

@@ -83,3 +83,18 @@ def test_toy_config_errors():
         make_env({**ENV, "action_index": 7})
     with pytest.raises(ConfigError, match="unknown key"):
         make_env({**ENV, "goal": 1.0})
+
+
+def test_progress_bars_on_request_and_hidden_otherwise(tmp_path, monkeypatch, capsys):
+    data = compose("train", ["experiment=toy_sanity", "run.iterations=2", "run.eval_every=2", "run.eval_episodes=8",
+                             "cluster.envs_per_worker=8", f"run.output_dir={tmp_path / 'a'}"])
+    data["run"]["init_checkpoint"] = resolve_path(data["run"]["init_checkpoint"])
+    monkeypatch.setenv("PIRL_PROGRESS", "1")
+    train(RLConfig.from_dict(data))
+    err = capsys.readouterr().err
+    assert "rl: 100%" in err and "2/2" in err and "success" in err  # the iteration bar and its postfix
+    assert "eval:" in err  # the evaluation bar (episodes)
+    monkeypatch.setenv("PIRL_PROGRESS", "0")
+    data["run"]["output_dir"] = str(tmp_path / "b")
+    train(RLConfig.from_dict(data))
+    assert "rl:" not in capsys.readouterr().err

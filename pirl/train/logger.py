@@ -1,4 +1,5 @@
-"""Metrics to the console, to `metrics.jsonl` in the run directory, and optionally to wandb."""
+"""Metrics to the console, to `metrics.jsonl` in the run directory, and optionally to wandb; progress
+bars for long loops (RL iterations, SFT steps, evaluation episodes)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ CONSOLE = [
     ("env_steps_per_s", "sps", "{:.0f}"), ("time_rollout_s", "roll_s", "{:.1f}"), ("time_learn_s", "learn_s", "{:.1f}"),
     ("time_sync_s", "sync_s", "{:.2f}"),
 ]
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it", leave: bool = True):
+    """A tqdm bar on stderr. Shown on a terminal and hidden otherwise (logs, CI), unless PIRL_PROGRESS
+    is 1 (always) or 0 (never). Log lines go above it inside `logging_redirect_tqdm()`."""
+    from tqdm.auto import tqdm
+
+    forced = os.environ.get("PIRL_PROGRESS")
+    disable = None if forced is None else forced == "0"  # None: tqdm hides it when stderr is no TTY
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=disable,
+                leave=leave)
+
+
+def logging_redirect_tqdm():
+    """Route the `pirl` logger's console lines through tqdm.write so that bars are not torn apart."""
+    from tqdm.contrib.logging import logging_redirect_tqdm as redirect
+
+    return redirect(loggers=[logging.root])
 
 
 class MetricLogger:

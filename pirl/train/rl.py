@@ -19,6 +19,7 @@ uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -35,7 +36,7 @@ from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
 from pirl.config import load_section
 from pirl.train.batch import TrajectoryBatch
 from pirl.train.common import set_seed, trainable_parameters
-from pirl.train.logger import MetricLogger
+from pirl.train.logger import MetricLogger, logging_redirect_tqdm, progress_bar
 from pirl.train.rl_core import (
     Agent,
     LocalLearner,
@@ -293,8 +294,12 @@ def train(cfg: RLConfig) -> dict:
         worker = _LocalWorker(host_agent, cfg)
         train_step = learner.train_step
 
+    console = contextlib.ExitStack()
+    console.enter_context(logging_redirect_tqdm())
+    bar = console.enter_context(progress_bar(run.iterations, "rl", initial=start_iteration))
     try:
         for iteration in range(start_iteration, run.iterations):
+            bar.set_postfix_str(f"iteration {iteration}: rollout")
             t0 = time.perf_counter()
             # 1. weight sync (the local worker shares the learner's module: nothing to move)
             if cluster.use_ray:
@@ -308,6 +313,7 @@ def train(cfg: RLConfig) -> dict:
             else:
                 batch = rollout_on_worker(worker, cfg, iteration)
             t2 = time.perf_counter()
+            bar.set_postfix_str(f"iteration {iteration}: learn")
             # 3. advantages
             valid = None
             if run.algorithm == "grpo":
@@ -340,6 +346,7 @@ def train(cfg: RLConfig) -> dict:
                 record["worker_restarts"] = sum(pool.restarts)
                 record["weight_version"] = version
             if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
+                bar.set_postfix_str(f"iteration {iteration}: evaluate")
                 if cluster.use_ray:
                     pool.sync(learners.snapshot_ref())
                     result = pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
@@ -357,7 +364,11 @@ def train(cfg: RLConfig) -> dict:
                                         None if cluster.use_ray else optimizer.state_dict(),
                                         learners if cluster.use_ray else None, history)
                 _point_latest(out, path)
+            bar.update(1)
+            bar.set_postfix_str(f"success {record['success_once']:.2f}"
+                                + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
     finally:
+        console.close()
         logger.close()
         if cluster.use_ray:
             pool.shutdown()

@@ -31,6 +31,7 @@ from pirl.flow.noise_head import NoiseHead
 from pirl.flow.policy import chain_log_prob, sample_chain
 from pirl.flow.steps import LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
+from pirl.train.logger import progress_bar
 from vla.policy import FlowPolicy
 from vla.processor import Processor
 
@@ -409,6 +410,7 @@ def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec
     generator = torch.Generator().manual_seed(seed)
     done_eps: list[dict] = []
     device = next(agent.parameters()).device
+    bar = progress_bar(episodes, "eval", unit="episode", leave=False)
     for _ in range(max_chunks):
         if len(done_eps) >= episodes:
             break
@@ -420,6 +422,8 @@ def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec
         for i in np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)):
             done_eps.append({"success": bool(info["success_once"][i]), "return": float(info["episode_return"][i]),
                              "length": int(info["episode_length"][i])})
+        bar.update(min(len(done_eps), episodes) - bar.n)
+    bar.close()
     done_eps = done_eps[:episodes]
     return {
         "episodes": len(done_eps),

@@ -8,6 +8,7 @@ Runs in one process, or on several GPUs with `accelerate launch [--use_deepspeed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from pirl.train.common import build_model_config, make_processor_from_dataset, set_seed, trainable_parameters
+from pirl.train.logger import logging_redirect_tqdm, progress_bar
 from vla.checkpoint import import_checkpoint, save_policy
 from vla.policy import FlowPolicy
 
@@ -88,6 +90,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     rng = np.random.default_rng(cfg.seed + 1000 * accelerator.process_index)
     dim_mask = processor.dim_mask().to(accelerator.device)
     started, losses = time.perf_counter(), []
+    console = contextlib.ExitStack()
+    if accelerator.is_main_process:
+        console.enter_context(logging_redirect_tqdm())
+        bar = console.enter_context(progress_bar(cfg.steps, "sft", unit="step"))
     for step in range(cfg.steps):
         batch = dataset.sample_batch(cfg.batch_size, rng)
         obs = {"images": {m: batch["images"][d] for m, d in cfg.cameras.items()},
@@ -103,6 +109,10 @@ def train_sft(cfg: SFTConfig) -> Path:
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         losses.append(loss.item())
+        if accelerator.is_main_process:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step == 0):
             rate = (step + 1) / (time.perf_counter() - started)
             log.info("sft step %d/%d  loss %.4f  lr %.2e  %.1f steps/s", step + 1, cfg.steps,
@@ -110,6 +120,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_policy(out / "checkpoints" / f"step_{step + 1:07d}", model, processor.norm_stats,
                         metadata={"sft_step": step + 1}, tokenizer_file=tokenizer_file)
+    console.close()
     final = out / "final"
     if accelerator.is_main_process:
         save_policy(final, model, processor.norm_stats,

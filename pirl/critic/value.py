@@ -48,6 +48,9 @@ class ValueHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return self.mlp(features.float()).squeeze(-1)
 
-    def value(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor) -> Tensor:
-        """V(obs) [B]; `initial_noise` is the chain's x_0 (used by the π0 expert-feature source)."""
-        return self(self.features(policy, prefix, initial_noise))
+    def value(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor, detach_features: bool = False) -> Tensor:
+        """V(obs) [B]; `initial_noise` is the chain's x_0 (used by the π0 expert-feature source).
+        `detach_features`: the value loss trains this head only, not the policy features it reads."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_features):
+            features = self.features(policy, prefix, initial_noise)
+        return self(features)

@@ -312,9 +312,7 @@ def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: Opti
     metrics = {**metrics, "policy_loss": pi_loss.detach(),
                "log_ratio_max_abs": (lp.log_prob.detach() - mb.old_log_probs).abs().max()}
     if use_value:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not value_cfg.detach_features):
-            features = agent.value_head.features(policy, prefix, mb.chain.initial_noise)
-        v = agent.value_head(features)
+        v = agent.value_head.value(policy, prefix, mb.chain.initial_noise, detach_features=value_cfg.detach_features)
         v_loss, v_metrics = value_loss(v, mb.old_values, mb.returns, mb.valid, loss_type=value_cfg.loss_type,
                                        huber_delta=value_cfg.huber_delta, clip_eps=value_cfg.clip_eps)
         loss = loss + optim.value_coef * v_loss

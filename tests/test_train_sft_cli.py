@@ -127,3 +127,49 @@ def test_cli_usage_and_errors(capsys):
     assert "pirl train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not set"):
         main(["eval"])  # checkpoint is required
+
+
+_DDP_SCRIPT = '''
+import json, sys
+import accelerate
+from accelerate.utils import gather_object
+import pirl.train.sft as sft
+
+captured = {}
+class Recording(accelerate.Accelerator):
+    def prepare(self, *args):
+        out = super().prepare(*args)
+        captured["model"], captured["accelerator"] = out[0], self
+        return out
+accelerate.Accelerator = Recording
+cfg = sft.SFTConfig(**json.loads(sys.argv[1]))
+sft.train_sft(cfg)
+acc = captured["accelerator"]
+total = float(sum(p.double().sum() for p in acc.unwrap_model(captured["model"]).parameters()))
+sums = gather_object([total])
+if acc.is_main_process:
+    print("RANK_SUMS", json.dumps({"wrapper": type(captured["model"]).__name__, "sums": sums}))
+'''
+
+
+def test_two_process_sft_keeps_the_ranks_identical(dataset, tmp_path):
+    # Data-parallel SFT (torchrun / accelerate launch; gloo on CPU): each rank samples its own batches,
+    # so the ranks' weights stay equal only if every gradient is all-reduced through the wrapper.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_sft.py"
+    script.write_text(_DDP_SCRIPT)
+    cfg = {"dataset": dataset, "model": _model_section(state_dim=8), "cameras": {"wrist_0_rgb": "wrist"},
+           "output_dir": str(tmp_path / "sft"), "steps": 4, "batch_size": 8, "warmup_steps": 0,
+           "log_every": 2, "save_every": 1000}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIRL_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(script), json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RANK_SUMS"))
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["wrapper"] == "DistributedDataParallel" and len(result["sums"]) == 2
+    assert result["sums"][0] == result["sums"][1], result["sums"]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()

@@ -231,6 +231,13 @@ class FlowPolicy(nn.Module):
             beta = dist.sample((batch,)).to(device)
         return beta * cfg.time_scale + cfg.time_offset
 
+    def forward(self, inputs: ModelInputs, actions: Tensor, dim_mask: Tensor, step_mask: Tensor | None = None,
+                **kwargs) -> Tensor:
+        """The training loss, `flow_matching_loss`. Data-parallel wrappers (DDP, DeepSpeed) hook
+        `forward`: SFT must call the wrapped module, since calling the method on the bare policy
+        would skip the gradient all-reduce and let the ranks drift apart."""
+        return self.flow_matching_loss(inputs, actions, dim_mask, step_mask, **kwargs)
+
     def flow_matching_loss(
         self,
         inputs: ModelInputs,

@@ -70,7 +70,12 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     if not cfg.dataset:
         raise ValueError("sft: dataset= is required (a LeRobot dataset root, e.g. from `pirl demos`)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Some weights never reach the loss: the expert reads only the keys/values of the VLM's last layer,
+    # so that layer's o_proj, MLP and the final norm get no gradient. DDP must not wait for them.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
     model_cfg = build_model_config(cfg.model)
@@ -103,7 +108,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         step_mask = torch.from_numpy(batch["action_valid"]).to(accelerator.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model.flow_matching_loss(inputs, actions, dim_mask, step_mask)
+        loss = policy(inputs, actions, dim_mask, step_mask)  # through the wrapper: gradients all-reduced
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.grad_clip)

@@ -83,7 +83,7 @@ class SubprocEnvPool:
     """
 
     def __init__(self, factories: Sequence[Callable[[], Any]], timeout_s: float = 300.0,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", start_wave: int | None = None):
         self._factories = list(factories)
         self._timeout_s = timeout_s
         self._ctx = mp.get_context(start_method)
@@ -91,10 +91,20 @@ class SubprocEnvPool:
         self._conns: list[Any] = [None] * len(self._factories)
         self.specs: list[Any] = [None] * len(self._factories)
         self.restart_counts = [0] * len(self._factories)
-        for i in range(len(self._factories)):
-            self._launch(i)
-        for i in range(len(self._factories)):
-            self.specs[i] = self._await_ready(i)
+        # Workers start in waves of `start_wave` (default: 4 per core). Each start imports torch and
+        # the simulator (seconds of CPU); 64 at once on 2 cores kept the first one from answering
+        # within timeout_s, although nothing was wrong.
+        wave = max(1, start_wave or 4 * (os.cpu_count() or 1))
+        try:
+            for first in range(0, len(self._factories), wave):
+                batch = range(first, min(first + wave, len(self._factories)))
+                for i in batch:
+                    self._launch(i)
+                for i in batch:
+                    self.specs[i] = self._await_ready(i)
+        except BaseException:
+            self.close()  # no orphaned simulator processes
+            raise
 
     @property
     def num_envs(self) -> int:

@@ -1,4 +1,5 @@
 """envs/ pieces that need no simulator: configs, reward shaping, datasets, stats, video."""
+import functools
 import json
 import os
 
@@ -209,3 +210,44 @@ def test_libero_without_config_fails_fast_instead_of_prompting(tmp_path, monkeyp
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "nowhere"))
     with pytest.raises(LiberoNotInstalledError, match="config.yaml"):
         make_libero_env({"suite": "libero_spatial"})
+
+
+class _CountingEnv:
+    """A picklable single env for the process pool: spec is its index; a negative index fails to build."""
+
+    def __init__(self, index: int):
+        if index < 0:
+            raise RuntimeError("this env cannot be built")
+        self.index = index
+
+    def spec(self):
+        return self.index
+
+    def close(self):
+        pass
+
+
+def _counting_env_factory(index: int):
+    return functools.partial(_CountingEnv, index)
+
+
+def test_env_pool_starts_workers_in_waves_and_cleans_up_a_failed_start(monkeypatch):
+    from envs.workers import EnvWorkerError, SubprocEnvPool
+
+    pool = SubprocEnvPool([_counting_env_factory(i) for i in range(5)], timeout_s=60, start_wave=2)
+    try:
+        assert pool.specs == [0, 1, 2, 3, 4]
+    finally:
+        pool.close()
+    # The third wave fails: the error names the env, and no worker of the earlier waves is left running.
+    started = []
+    original = SubprocEnvPool._launch
+
+    def recording_launch(self, index):
+        original(self, index)
+        started.append(self._procs[index])
+
+    monkeypatch.setattr(SubprocEnvPool, "_launch", recording_launch)
+    with pytest.raises(EnvWorkerError, match="could not build"):
+        SubprocEnvPool([_counting_env_factory(i) for i in (0, 1, 2, 3, -1)], timeout_s=60, start_wave=2)
+    assert len(started) == 5 and not any(p.is_alive() for p in started)

@@ -50,7 +50,7 @@ class ToyBackend:
         return results, []
 
     def close(self) -> None:
-        pass
+        """Nothing to release: no processes, no simulator (the Backend protocol requires the method)."""
 
 
 def make_toy_env(cfg: ToyConfig) -> VLAEnv:

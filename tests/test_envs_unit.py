@@ -224,7 +224,7 @@ class _CountingEnv:
         return self.index
 
     def close(self):
-        pass
+        """Holds nothing; the pool calls it on shutdown."""
 
 
 def _counting_env_factory(index: int):

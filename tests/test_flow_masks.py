@@ -44,6 +44,12 @@ def test_hybrid_mask_range_and_errors():
     assert set(index.tolist()) == {2, 3}
     with pytest.raises(ValueError):
         hybrid_mask(4, 6, low=4, high=4)
+    # negative bounds count from the end: low=-1 is always the last step, [-3, -1) is {3, 4}
+    assert hybrid_mask(50, 6, low=-1, generator=torch.Generator().manual_seed(0))[:, 5].all()
+    index = hybrid_mask(500, 6, low=-3, high=-1, generator=torch.Generator().manual_seed(0)).float().argmax(1)
+    assert set(index.tolist()) == {3, 4}
+    with pytest.raises(ValueError):
+        hybrid_mask(4, 6, low=-7)
     with pytest.raises(ValueError):
         make_step_mask("sometimes", 4, 6)
 

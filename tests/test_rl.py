@@ -146,3 +146,14 @@ def test_unknown_config_keys_are_errors(init_checkpoint, tmp_path):
     with pytest.raises(Exception, match="num_envz|unknown"):
         _config(init_checkpoint, tmp_path, env={"num_envz": 3})
     assert SamplerConfig().reduction.granularity == "chunk"
+
+
+def test_sampler_step_range_is_checked_when_the_config_is_built():
+    assert SamplerConfig(mask_low=-1).mask_low == -1  # the last step of any K
+    with pytest.raises(ValueError, match="sampler.mask_low"):
+        SamplerConfig(num_steps=4, mask_low=4)
+    with pytest.raises(ValueError, match="sampler.mask_low"):
+        SamplerConfig(num_steps=4, mask_low=-5)
+    with pytest.raises(ValueError, match="sampler.window"):
+        SamplerConfig(num_steps=4, mask="window", window=3, mask_low=-2)
+    SamplerConfig(num_steps=4, mask="all", mask_low=7)  # the range only matters for hybrid / window

@@ -20,7 +20,15 @@ from .likelihood import (
     reduce_chain_log_prob,
     reduce_chain_terms,
 )
-from .masks import all_steps_mask, hybrid_mask, index_mask, make_step_mask, no_steps_mask, window_mask
+from .masks import (
+    all_steps_mask,
+    hybrid_mask,
+    index_mask,
+    make_step_mask,
+    no_steps_mask,
+    step_index_range,
+    window_mask,
+)
 from .noise_head import NoiseHead, sinusoidal_time_features
 from .policy import chain_log_prob, sample_chain
 from .sampler import evaluate_velocity, sample
@@ -50,5 +58,5 @@ __all__ = [
     "mirror_time", "mirrored_velocity_from_openpi", "no_steps_mask", "noise_estimate",
     "openpi_velocity_from_mirrored", "recompute_steps", "reduce_chain_log_prob", "reduce_chain_terms",
     "sample", "sample_chain", "sde_sigma", "sde_step", "sinusoidal_time_features", "squash_log_std",
-    "standard_normal_log_prob", "window_mask",
+    "standard_normal_log_prob", "step_index_range", "window_mask",
 ]

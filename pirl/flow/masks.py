@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def _index_range(num_steps: int, low: int, high: int | None) -> tuple[int, int]:
+def step_index_range(num_steps: int, low: int, high: int | None) -> tuple[int, int]:
+    """[low, high) as non-negative step indices; negative values count from the end, as in Python."""
     high = num_steps if high is None else high
     if high < 0:
         high += num_steps
+    if low < 0:
+        low += num_steps
     if not 0 <= low < high <= num_steps:
         raise ValueError(f"step range [{low}, {high}) is empty or outside [0, {num_steps})")
     return low, high
@@ -30,9 +33,13 @@ def hybrid_mask(
 ) -> torch.Tensor:
     """Exactly one stochastic step per sample, index uniform on [low, high) (default all K steps).
 
-    `high=-1` (or K-1) excludes the last step, as some πRL configs do.
+    `high=-1` (or K-1) excludes the last step, as some πRL configs do; `low=-1` makes the last step the
+    stochastic one. For a policy that is nearly deterministic given the observation, noise injected
+    before the last step is mostly undone by the remaining ODE steps (the field points back at the
+    mode), so those samples carry almost no outcome signal while their log-probs still add gradient
+    noise: `bench/results/noise_propagation.md`.
     """
-    low, high = _index_range(num_steps, low, high)
+    low, high = step_index_range(num_steps, low, high)
     index = torch.randint(low, high, (batch_size,), generator=generator, device=device)
     return index_mask(index, num_steps)
 
@@ -49,7 +56,7 @@ def window_mask(
 ) -> torch.Tensor:
     """`width` consecutive stochastic steps per sample; the window lies inside [low, high) and its start
     is uniform over the admissible positions."""
-    low, high = _index_range(num_steps, low, high)
+    low, high = step_index_range(num_steps, low, high)
     if not 1 <= width <= high - low:
         raise ValueError(f"window width {width} does not fit in step range [{low}, {high})")
     start = torch.randint(low, high - width + 1, (batch_size, 1), generator=generator, device=device)

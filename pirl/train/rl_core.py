@@ -27,6 +27,7 @@ from pirl.critic.value import ValueHead
 from pirl.flow.chain import Chain
 from pirl.flow.grid import DenoiseGrid
 from pirl.flow.likelihood import LogProbReduction, element_mask, reduce_chain_log_prob
+from pirl.flow.masks import step_index_range
 from pirl.flow.noise_head import NoiseHead
 from pirl.flow.policy import chain_log_prob, sample_chain
 from pirl.flow.steps import LearnedNoiseRule, SDERule
@@ -50,7 +51,10 @@ class SamplerConfig:
     """Which denoising steps are stochastic: one per sample (πRL's hybrid), a window, or all."""
     mask_low: int = 0
     mask_high: int | None = None
-    """Hybrid/window indices are drawn uniformly from [mask_low, mask_high) (None = K)."""
+    """Hybrid/window indices are drawn uniformly from [mask_low, mask_high) (None = K; negative values
+    count from the end). `mask_low=-1` puts the one stochastic step last: with a near-deterministic SFT
+    policy, noise injected earlier is mostly denoised away again, so only last-step noise moves the
+    executed action (bench/results/noise_propagation.md)."""
     window: int = 1
     noise_std_min: float = 0.08
     noise_std_max: float = 0.16
@@ -72,6 +76,13 @@ class SamplerConfig:
             raise ValueError(f"sampler.kind must be flow_sde or flow_noise, got {self.kind!r}")
         if self.num_steps < 1:
             raise ValueError("sampler.num_steps must be >= 1")
+        if self.mask in ("hybrid", "window"):
+            try:
+                low, high = step_index_range(self.num_steps, self.mask_low, self.mask_high)
+            except ValueError as err:
+                raise ValueError(f"sampler.mask_low / mask_high: {err}") from None
+            if self.mask == "window" and not 1 <= self.window <= high - low:
+                raise ValueError(f"sampler.window {self.window} does not fit in step range [{low}, {high})")
 
     @property
     def reduction(self) -> LogProbReduction:

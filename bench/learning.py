@@ -77,11 +77,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.plot(xs, smooth, color=line.get_color(), label=f"{res['method']} (rollout, mean of {window} iterations)")
         if ex:
             ax.plot(ex, ey, "o--", color=line.get_color(), label=f"{res['method']} (eval, ODE)")
-    shipped = Path(__file__).resolve().parents[1] / "assets" / "pickcube_tiny_sft" / "config.json"
-    if shipped.exists():  # the SFT policy's evaluation when it was shipped (32 unseen seeds, K = 4)
-        level = json.loads(shipped.read_text()).get("metadata", {}).get("eval_at_ship", {}).get("success_rate_K4")
-        if level is not None:
-            ax.axhline(level, color="gray", ls=":", label=f"SFT level (eval, K=4): {level:.2f}")
+    level = sft_level(results)
+    if level is not None:
+        ax.axhline(level, color="gray", ls=":", label=f"SFT level (eval, K=4): {level:.2f}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("success_once")
     ax.set_ylim(-0.02, 1.02)
@@ -90,6 +88,21 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def sft_level(results: list[dict]) -> float | None:
+    """ODE success (K = 4) recorded in the starting checkpoint's config.json when it was shipped: the
+    experiment's default asset unless the runs override `run.init_checkpoint` (all with the same one)."""
+    root = Path(__file__).resolve().parents[1]
+    starts = {next((o.split("=", 1)[1] for o in r.get("overrides", []) if o.startswith("run.init_checkpoint=")),
+                   "assets/pickcube_tiny_sft") for r in results}
+    if len(starts) != 1:
+        return None
+    config = Path(starts.pop())
+    config = (config if config.is_absolute() else root / config) / "config.json"
+    if not config.exists():
+        return None
+    return json.loads(config.read_text()).get("metadata", {}).get("eval_at_ship", {}).get("success_rate_K4")
 
 
 def main(argv=None) -> None:

@@ -154,6 +154,6 @@ def test_sampler_step_range_is_checked_when_the_config_is_built():
         SamplerConfig(num_steps=4, mask_low=4)
     with pytest.raises(ValueError, match="sampler.mask_low"):
         SamplerConfig(num_steps=4, mask_low=-5)
-    with pytest.raises(ValueError, match="sampler.window"):
+    with pytest.raises(ValueError, match="sampler.mask_low / mask_high / window: window width 3 does not fit"):
         SamplerConfig(num_steps=4, mask="window", window=3, mask_low=-2)
     SamplerConfig(num_steps=4, mask="all", mask_low=7)  # the range only matters for hybrid / window

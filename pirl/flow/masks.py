@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def step_index_range(num_steps: int, low: int, high: int | None) -> tuple[int, int]:
-    """[low, high) as non-negative step indices; negative values count from the end, as in Python."""
+def step_index_range(num_steps: int, low: int, high: int | None, width: int = 1) -> tuple[int, int]:
+    """[low, high) as non-negative step indices (negative values count from the end, as in Python),
+    checked to hold a window of `width` consecutive steps."""
     high = num_steps if high is None else high
     if high < 0:
         high += num_steps
@@ -19,6 +20,8 @@ def step_index_range(num_steps: int, low: int, high: int | None) -> tuple[int, i
         low += num_steps
     if not 0 <= low < high <= num_steps:
         raise ValueError(f"step range [{low}, {high}) is empty or outside [0, {num_steps})")
+    if not 1 <= width <= high - low:
+        raise ValueError(f"window width {width} does not fit in step range [{low}, {high})")
     return low, high
 
 
@@ -56,9 +59,7 @@ def window_mask(
 ) -> torch.Tensor:
     """`width` consecutive stochastic steps per sample; the window lies inside [low, high) and its start
     is uniform over the admissible positions."""
-    low, high = step_index_range(num_steps, low, high)
-    if not 1 <= width <= high - low:
-        raise ValueError(f"window width {width} does not fit in step range [{low}, {high})")
+    low, high = step_index_range(num_steps, low, high, width)
     start = torch.randint(low, high - width + 1, (batch_size, 1), generator=generator, device=device)
     steps = torch.arange(num_steps, device=device)[None, :]
     return (steps >= start) & (steps < start + width)

@@ -77,12 +77,11 @@ class SamplerConfig:
         if self.num_steps < 1:
             raise ValueError("sampler.num_steps must be >= 1")
         if self.mask in ("hybrid", "window"):
+            width = self.window if self.mask == "window" else 1
             try:
-                low, high = step_index_range(self.num_steps, self.mask_low, self.mask_high)
+                step_index_range(self.num_steps, self.mask_low, self.mask_high, width)
             except ValueError as err:
-                raise ValueError(f"sampler.mask_low / mask_high: {err}") from None
-            if self.mask == "window" and not 1 <= self.window <= high - low:
-                raise ValueError(f"sampler.window {self.window} does not fit in step range [{low}, {high})")
+                raise ValueError(f"sampler.mask_low / mask_high / window: {err}") from None
 
     @property
     def reduction(self) -> LogProbReduction:

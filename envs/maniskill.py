@@ -5,7 +5,8 @@ Both give the same VLAEnv API (envs.base). What an env returns:
                     name per dim ("agent/qpos[0]", "extra/goal_pos[2]", ...); no images.
   obs_mode "rgb":   images = the config's cameras at config.image_size; state = the concatenation of
                     config.state_keys ("agent/qpos", "extra/tcp_pose", ...).
-Rewards: "sparse", "dense", "normalized_dense" (ManiSkill's own) or "shaped_diff" (envs.rewards).
+Rewards: "sparse", "dense", "normalized_dense" (ManiSkill's own), "shaped_diff" (πRL's differenced
+stage reward) or "dense_diff" (ManiSkill's normalized dense reward, differenced): envs.rewards.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from .base import EnvSpec, PoolBackend, VLAEnv
 from .config import ManiSkillConfig
-from .rewards import DifferencedShapedReward
+from .rewards import DifferencedPotential, DifferencedShapedReward
 from .workers import SubprocEnvPool
 
 
@@ -53,8 +54,9 @@ def check_assets(task: str) -> None:
 
 
 def _ms_reward_mode(reward_mode: str) -> str:
-    # The differenced shaped reward is computed here from info; ManiSkill's cheapest mode suffices.
-    return "sparse" if reward_mode == "shaped_diff" else reward_mode
+    # The differenced stage reward is computed here from info; ManiSkill's cheapest mode suffices.
+    # dense_diff differences ManiSkill's normalized dense reward, so it asks for that.
+    return {"shaped_diff": "sparse", "dense_diff": "normalized_dense"}.get(reward_mode, reward_mode)
 
 
 def make_kwargs(cfg: ManiSkillConfig, num_envs: int, render_frames: bool) -> dict[str, Any]:
@@ -153,6 +155,7 @@ class ManiSkillSingleEnv:
         self.env = CPUGymWrapper(self.raw_env, ignore_terminations=not cfg.terminate_on_success)
         self.obs_adapter = ManiSkillObsAdapter(cfg)
         self.shaper = DifferencedShapedReward()
+        self.differ = DifferencedPotential()
         self.action_dim = int(np.prod(self.env.action_space.shape))
         self._first_obs = None
 
@@ -181,6 +184,7 @@ class ManiSkillSingleEnv:
         # hard: rebuild the scene, so the episode is independent of what ran before (~0.5 s).
         raw, info = self.env.reset(seed=int(seed), options={"reconfigure": True} if hard else None)
         self.shaper.reset()
+        self.differ.reset()
         return self.obs_adapter(raw), self._info(info)
 
     def step(self, action: np.ndarray):
@@ -191,6 +195,8 @@ class ManiSkillSingleEnv:
         out_info = self._info(info)
         if self.cfg.reward_mode == "shaped_diff":
             reward = self.shaper(out_info["is_grasped"], out_info["success"])
+        elif self.cfg.reward_mode == "dense_diff":
+            reward = self.differ(float(reward))
         return self.obs_adapter(raw), float(reward), bool(terminated), bool(truncated), out_info
 
     def get_state(self) -> np.ndarray:
@@ -238,6 +244,8 @@ class ManiSkillGPUBackend:
         self.shaper = DifferencedShapedReward()
         self.shaper.prev_potential = torch.zeros(self.num_envs, device=self.device)
         self.shaper.prev_grasped = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self.differ = DifferencedPotential()
+        self.differ.prev_potential = torch.zeros(self.num_envs, device=self.device)
         self._spec = None
         self._seeds = list(range(self.num_envs))
 
@@ -291,6 +299,7 @@ class ManiSkillGPUBackend:
         mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         mask[env_idx] = True
         self.shaper.reset(mask)
+        self.differ.reset(mask)
         per_env = self._split(raw, info)
         return {i: per_env[i] for i in indices}, []
 
@@ -305,6 +314,9 @@ class ManiSkillGPUBackend:
         if self.cfg.reward_mode == "shaped_diff":
             grasped = info.get("is_grasped", torch.zeros_like(terminated))
             reward = self.shaper(grasped.bool(), info["success"].bool())
+        elif self.cfg.reward_mode == "dense_diff":
+            # Envs outside step_envs got a zero action; their potential is reset with them.
+            reward = self.differ(reward.float())
         per_env = self._split(raw, info)
         reward_np = reward.detach().float().cpu().numpy().reshape(-1)
         term_np = terminated.detach().cpu().numpy().reshape(-1)

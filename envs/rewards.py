@@ -7,6 +7,13 @@
 
 so an episode's return telescopes to phi at its last step (at most 1.2), grasping then dropping the
 object gives back the grasp bonus, and holding it does not pay again at every step.
+
+`dense_diff` differences ManiSkill's own normalized dense reward the same way (phi_t = that reward
+after step t, in [0, 1], 1 on success; phi before the first step = 0). Its return also telescopes to
+phi at the last step: 1 for a success, partial credit for a failure by how far it got (gripper near
+the object, object grasped, object near the goal). Returns stay O(1) for PPO's value clip, while every
+step that moves the gripper toward the object or the held object toward the goal pays at once: a
+per-step signal where the stage potential above pays only at grasp and success.
 """
 from __future__ import annotations
 
@@ -20,6 +27,24 @@ def shaped_potential(grasped, prev_grasped, success):
     grasped = grasped * 1.0
     return (GRASP_WEIGHT * grasped + STILL_GRASPED_WEIGHT * grasped * (prev_grasped * 1.0)
             + SUCCESS_WEIGHT * (success * 1.0))
+
+
+class DifferencedPotential:
+    """r_t = phi_t - phi_{t-1} for a potential the env computes (phi before the first step = 0).
+
+    Keeps phi_{t-1} per env (a float, or an array/tensor for a batch of envs)."""
+
+    def __init__(self):
+        self.prev_potential = 0.0
+
+    def reset(self, mask=None) -> None:
+        """Start new episodes (all of them, or where the boolean `mask` is set)."""
+        self.prev_potential = 0.0 if mask is None else self.prev_potential * (~mask * 1.0)
+
+    def __call__(self, potential):
+        reward = potential - self.prev_potential
+        self.prev_potential = potential
+        return reward
 
 
 class DifferencedShapedReward:

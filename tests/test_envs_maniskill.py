@@ -167,6 +167,33 @@ def test_shaped_reward_and_action_unnormalisation(tmp_path):
         env.close()
 
 
+def test_dense_diff_reward_is_the_differenced_normalized_dense_reward():
+    from envs.config import ManiSkillConfig
+    from envs.maniskill import ManiSkillSingleEnv
+
+    def make(mode):
+        return ManiSkillSingleEnv(ManiSkillConfig.from_dict(dict(
+            task="PickCube-v1", num_envs=1, obs_mode="state", reward_mode=mode, max_episode_steps=50)))
+
+    dense, diff = make("normalized_dense"), make("dense_diff")
+    rng = np.random.default_rng(0)
+    try:
+        for seed in (3, 4):  # the second episode checks that reset restarts the potential at 0
+            dense.reset(seed)
+            diff.reset(seed)
+            potentials, rewards = [0.0], []
+            for _ in range(12):
+                action = rng.uniform(-1, 1, size=dense.action_dim).astype(np.float32)
+                potentials.append(dense.step(action)[1])
+                rewards.append(diff.step(action)[1])
+            np.testing.assert_allclose(rewards, np.diff(potentials), atol=1e-6)
+            assert abs(sum(rewards) - potentials[-1]) < 1e-5  # the return telescopes to phi_last
+            assert np.ptp(potentials[1:]) > 1e-3  # random motion does change the reaching term
+    finally:
+        dense.close()
+        diff.close()
+
+
 def test_task_needing_asset_download_fails_fast():
     started = time.time()
     with pytest.raises(AssetsMissingError, match="download_asset"):

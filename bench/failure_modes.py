@@ -1,0 +1,146 @@
+"""Where a PickCube policy fails: per episode, did it grasp the cube, bring it within the goal radius,
+succeed, and how far from the goal did a grasped cube end? For one or more checkpoints on the same
+fixed seeds and initial noises (ODE sampling), so an SFT policy and its RL fine-tune compare directly.
+
+Each episode runs in one in-process ManiSkill env (CPU sim) until success (the episode ends there) or
+`--max-steps`. Because the state observation carries no clock, one run to a long limit also gives the
+success rate at every shorter limit (`success by step`): it separates "too slow" from "stuck".
+
+    python3 bench/failure_modes.py --checkpoints assets/pickcube_tiny_sft assets/pickcube_tiny_sft_18k_step6k
+
+Writes bench/results/failure_modes.{json,md} (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+HORIZONS = (50, 75, 100, 150, 200)
+
+
+def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, num_steps: int) -> dict:
+    """One ODE episode; first step of grasp / placement / success and the cube's goal distances."""
+    raw = env.raw_env.unwrapped
+    generator = torch.Generator().manual_seed(seed)
+    obs, _ = env.reset(seed)
+    rec = {"seed": seed, "first_grasp": None, "first_placed": None, "first_success": None,
+           "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0}
+    cfg = policy.config
+    while rec["steps"] < max_steps and rec["first_success"] is None:
+        inputs = processor({"images": {}, "state": obs["state"][None], "prompt": [obs["prompt"]]})
+        noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator)
+        with torch.no_grad():
+            chunk = processor.unnormalize_actions(policy.sample_actions(inputs, noise=noise, num_steps=num_steps))
+        for action in np.asarray(chunk[0, :n_exec]):
+            obs, _, terminated, truncated, _ = env.step(action)
+            step, done = rec["steps"], terminated or truncated
+            rec["steps"] += 1
+            flags = raw.evaluate()
+            dist = float(torch.linalg.norm(raw.goal_site.pose.p - raw.cube.pose.p, dim=1)[0])
+            rec["min_goal_dist"] = min(rec["min_goal_dist"], dist)
+            rec["final_goal_dist"] = dist
+            for key, flag in (("first_grasp", "is_grasped"), ("first_placed", "is_obj_placed"),
+                              ("first_success", "success")):
+                if rec[key] is None and bool(flags[flag][0]):
+                    rec[key] = step
+            if done or rec["steps"] >= max_steps:
+                break
+    return rec
+
+
+def summarize(records: list[dict]) -> dict:
+    """Rates of each outcome, success by step limit, and where the grasped failures stopped."""
+    n = len(records)
+    grasped = [r for r in records if r["first_grasp"] is not None]
+    stuck = [r for r in grasped if r["first_success"] is None]
+    succ_steps = [r["first_success"] for r in records if r["first_success"] is not None]
+    return {
+        "episodes": n,
+        "success": len(succ_steps) / n,
+        "success_by_step": {h: sum(s < h for s in succ_steps) / n for h in HORIZONS},
+        "never_grasped": (n - len(grasped)) / n,
+        "grasped_not_success": len(stuck) / n,
+        "median_first_grasp": float(np.median([r["first_grasp"] for r in grasped])) if grasped else None,
+        "median_first_success": float(np.median(succ_steps)) if succ_steps else None,
+        "grasped_failures_final_goal_dist_quartiles":
+            [float(q) for q in np.percentile([r["final_goal_dist"] for r in stuck], [25, 50, 75])] if stuck else None,
+        "grasped_failures_min_goal_dist_median":
+            float(np.median([r["min_goal_dist"] for r in stuck])) if stuck else None,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", default=[str(ROOT / "assets" / "pickcube_tiny_sft")])
+    parser.add_argument("--labels", nargs="*", default=None, help="one name per checkpoint for the table")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=10000, help="episode i uses seed + i (env and noise)")
+    parser.add_argument("--max-steps", type=int, default=max(HORIZONS))
+    parser.add_argument("--n-exec", type=int, default=5)
+    parser.add_argument("--num-steps", type=int, default=4)
+    parser.add_argument("--out", default=str(RESULTS / "failure_modes"))
+    args = parser.parse_args(argv)
+    labels = args.labels or [Path(c).name for c in args.checkpoints]
+    if len(labels) != len(args.checkpoints):
+        parser.error("--labels needs one name per checkpoint")
+    torch.set_num_threads(1)
+
+    from envs.config import ManiSkillConfig
+    from envs.maniskill import ManiSkillSingleEnv
+    from pirl.train.rl import processor_for
+    from vla.checkpoint import load_policy
+
+    env = ManiSkillSingleEnv(ManiSkillConfig.from_dict(dict(
+        task="PickCube-v1", num_envs=1, obs_mode="state", control_mode="pd_ee_delta_pose",
+        reward_mode="sparse", max_episode_steps=args.max_steps)))
+    results = {}
+    try:
+        for label, checkpoint in zip(labels, args.checkpoints):
+            policy, _ = load_policy(checkpoint)
+            policy.eval()
+            processor = processor_for(checkpoint, {})
+            records = [run_episode(env, policy, processor, args.seed + i, args.max_steps, args.n_exec,
+                                   args.num_steps) for i in range(args.episodes)]
+            results[label] = {"checkpoint": str(checkpoint), "summary": summarize(records), "episodes": records}
+            print(label, json.dumps(results[label]["summary"]), flush=True)
+    finally:
+        env.close()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"task": "PickCube-v1", "episodes": args.episodes, "seed": args.seed, "max_steps": args.max_steps,
+            "n_exec": args.n_exec, "num_steps": args.num_steps}
+    out.with_suffix(".json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
+    head = ("| checkpoint | success | " + " | ".join(f"by step {h}" for h in HORIZONS)
+            + " | never grasped | grasped, no success | final goal distance of those (m, quartiles) |")
+    rows = [head, "|" + "---|" * (5 + len(HORIZONS))]
+    for label, res in results.items():
+        s = res["summary"]
+        q = s["grasped_failures_final_goal_dist_quartiles"]
+        rows.append(f"| {label} | {s['success']:.2f} | "
+                    + " | ".join(f"{s['success_by_step'][h]:.2f}" for h in HORIZONS)
+                    + f" | {s['never_grasped']:.2f} | {s['grasped_not_success']:.2f} | "
+                    + (" / ".join(f"{x:.3f}" for x in q) if q else "-") + " |")
+    table = "\n".join(rows)
+    out.with_suffix(".md").write_text(
+        f"# PickCube failure modes\n\n{args.episodes} episodes per checkpoint, seeds {args.seed}.., ODE at "
+        f"K = {args.num_steps}, {args.n_exec} actions per chunk, run to success or {args.max_steps} steps "
+        f"(success by step h = success within an h-step limit). `python3 bench/failure_modes.py`.\n\n"
+        f"{table}\n\nThe goal radius is 0.025 m. A grasped failure whose final distance is well above it "
+        "and does not shrink with a longer limit is stuck, not slow.\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,25 +47,18 @@ class DifferencedPotential:
         return reward
 
 
-class DifferencedShapedReward:
-    """Keeps phi_{t-1} and grasped_{t-1} between steps of one env (or a batch of envs)."""
+class DifferencedShapedReward(DifferencedPotential):
+    """πRL's stage potential, differenced; also keeps grasped_{t-1}, which the potential reads."""
 
     def __init__(self):
-        self.prev_potential = 0.0
+        super().__init__()
         self.prev_grasped = False
 
     def reset(self, mask=None) -> None:
-        """Start new episodes (all of them, or where the boolean `mask` is set)."""
-        if mask is None:
-            self.prev_potential = 0.0
-            self.prev_grasped = False
-        else:
-            self.prev_potential = self.prev_potential * (~mask * 1.0)
-            self.prev_grasped = self.prev_grasped & ~mask
+        super().reset(mask)
+        self.prev_grasped = False if mask is None else self.prev_grasped & ~mask
 
     def __call__(self, grasped, success):
-        potential = shaped_potential(grasped, self.prev_grasped, success)
-        reward = potential - self.prev_potential
-        self.prev_potential = potential
+        reward = super().__call__(shaped_potential(grasped, self.prev_grasped, success))
         self.prev_grasped = grasped
         return reward

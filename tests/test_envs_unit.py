@@ -9,7 +9,7 @@ import pytest
 from envs.config import ConfigError, LiberoConfig, ManiSkillConfig
 from envs.dataset import (Episode, LeRobotReader, NormStats, SFTChunkDataset, compute_stats,
                           write_lerobot_dataset)
-from envs.rewards import DifferencedShapedReward
+from envs.rewards import DifferencedPotential, DifferencedShapedReward
 
 
 # ---- configs ------------------------------------------------------------------------------
@@ -72,6 +72,14 @@ def test_differenced_shaped_reward_batched_reset_mask():
     shaper.reset(np.array([True, False]))
     rewards = shaper(np.array([True, True]), np.array([False, False]))
     np.testing.assert_allclose(rewards, [0.1, 0.0])  # env 0 starts over: only the grasp bonus
+
+
+def test_differenced_potential_batched_reset_mask():
+    differ = DifferencedPotential()
+    np.testing.assert_allclose(differ(np.array([0.2, 0.3])), [0.2, 0.3])  # phi before step 0 is 0
+    np.testing.assert_allclose(differ(np.array([0.5, 0.1])), [0.3, -0.2])
+    differ.reset(np.array([False, True]))
+    np.testing.assert_allclose(differ(np.array([0.6, 0.4])), [0.1, 0.4])  # env 1 starts over
 
 
 # ---- datasets -----------------------------------------------------------------------------

@@ -14,16 +14,23 @@ The group is model-agnostic. It takes
 ``LearnerGroup.train_step(batch, loss_fn)`` splits the batch into equal per-rank shards; each rank
 runs forward/backward on its shard and DeepSpeed averages the gradients, so a step equals one
 single-process step on the whole batch with a mean loss.
+
+A rank that dies (killed, OOM, a crashed node) or a call that outlives ``call_timeout_s`` makes every
+group method raise :class:`LearnerLostError`. The group cannot go on without it: the surviving ranks
+may sit in a collective, and the lost rank's ZeRO partitions are gone. The caller shuts the group down
+and builds a new one from its last checkpoint (``pirl.train.rl`` does exactly that).
 """
 from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from rollout.placement import Placement, PlacementConfig
 from rollout.weights import WeightSnapshot, pack, trainable_parameters
@@ -52,6 +59,9 @@ class LearnerConfig:
     """torch.distributed backend; None picks nccl when CUDA is available, else gloo."""
     setup_timeout_s: float = 600.0
     """Fail instead of hanging if the process group / DeepSpeed setup takes longer."""
+    call_timeout_s: float | None = None
+    """A group call (step, snapshot, checkpoint) running longer counts as a lost rank
+    (:class:`LearnerLostError`); None waits. A rank that dies is noticed at once either way."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -128,6 +138,10 @@ def split_batch(batch: Any, n: int) -> list[Any]:
     return [batch] * n
 
 
+class LearnerLostError(RuntimeError):
+    """A learner rank died or stopped answering; the group is unusable and must be rebuilt."""
+
+
 class Learner:
     """One DeepSpeed rank. Created by :class:`LearnerGroup` as a Ray actor; not used directly."""
 
@@ -199,17 +213,22 @@ class Learner:
         result["version"] = self.version
         return result
 
-    def snapshot(self, trainable_only: bool = True) -> WeightSnapshot | None:
-        """Full (gathered) parameters packed on rank 0; every rank must call it (under ZeRO-3 the
-        gather is a collective). Other ranks return None."""
+    def snapshot(self, trainable_only: bool = True) -> tuple[int, WeightSnapshot | None]:
+        """(version, full gathered parameters packed on rank 0); every rank must call it (under
+        ZeRO-3 the gather is a collective). Other ranks return (version, None). Called with
+        ``num_returns=2``: the small version tells the driver the call succeeded while the snapshot
+        itself stays in the object store for the workers."""
         module = self.engine.module
         named = trainable_parameters(module) if trainable_only else dict(module.named_parameters())
         if self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
-                return pack(named, self.version) if self.rank == 0 else None
-        return pack(named, self.version) if self.rank == 0 else None
+                return self.version, (pack(named, self.version) if self.rank == 0 else None)
+        return self.version, (pack(named, self.version) if self.rank == 0 else None)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def save_checkpoint(self, directory: str, tag: str | None = None) -> None:
         """DeepSpeed checkpoint (model, optimizer, ZeRO partitions); every rank must call it."""
@@ -279,7 +298,7 @@ class LearnerGroup:
             shards = [split_batch(s, self.cfg.grad_accum_steps) for s in per_rank]
         else:
             shards = split_batch(batch, n)
-        results = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
+        results = self._gather([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards)])
         out = {k: sum(r[k] for r in results) / n for k in results[0] if k != "version"}
         self.version = out["version"] = results[0]["version"]
         return out
@@ -287,9 +306,9 @@ class LearnerGroup:
     def snapshot_ref(self, trainable_only: bool = True) -> ray.ObjectRef:
         """An ObjectRef to rank 0's :class:`WeightSnapshot` (stays in the object store; hand the
         ref itself to workers so they read it zero-copy)."""
-        refs = [a.snapshot.remote(trainable_only) for a in self.actors]
-        ray.get(refs[1:])  # the other ranks take part in the gather and return None
-        return refs[0]
+        refs = [a.snapshot.options(num_returns=2).remote(trainable_only) for a in self.actors]
+        self._gather([version for version, _ in refs])  # every rank took part (and is alive)
+        return refs[0][1]
 
     def get_weights(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
         """Gathered parameters as CPU tensors (copies), e.g. for tests or export."""
@@ -297,17 +316,41 @@ class LearnerGroup:
         return {k: v.clone() for k, v in snap.tensors().items()}
 
     def save_checkpoint(self, directory: str, tag: str | None = None) -> None:
-        ray.get([a.save_checkpoint.remote(directory, tag) for a in self.actors])
+        self._gather([a.save_checkpoint.remote(directory, tag) for a in self.actors])
 
     def load_checkpoint(self, directory: str, tag: str | None = None) -> int:
-        self.version = ray.get([a.load_checkpoint.remote(directory, tag) for a in self.actors])[0]
+        self.version = self._gather([a.load_checkpoint.remote(directory, tag) for a in self.actors])[0]
         return self.version
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([a.teardown.remote() for a in self.actors], timeout=30)
-        except Exception:  # noqa: BLE001 - best effort, the actors are killed next
-            pass
+    def pids(self) -> list[int]:
+        """The rank processes' ids (rank order)."""
+        return self._gather([a.pid.remote() for a in self.actors])
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """ray.get one call per rank, raising :class:`LearnerLostError` as soon as any rank is dead
+        (not after the others time out in a collective waiting for it) or past ``call_timeout_s``.
+        Errors raised by the called code itself (a bad batch, a NaN check) propagate unchanged."""
+        deadline = None if self.cfg.call_timeout_s is None else time.monotonic() + self.cfg.call_timeout_s
+        pending = list(refs)
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                raise LearnerLostError(f"a learner call ran past call_timeout_s={self.cfg.call_timeout_s}")
+            try:
+                ray.get(ready)
+            except RayActorError as err:
+                raise LearnerLostError(f"a learner rank died: {err}") from err
+        return ray.get(list(refs))
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Tear the process group down and kill the actors. ``graceful=False`` (after a lost rank)
+        skips the teardown call, which would queue behind a survivor stuck in a collective."""
+        if graceful:
+            try:
+                ray.get([a.teardown.remote() for a in self.actors], timeout=30)
+            except Exception:  # noqa: BLE001 - best effort, the actors are killed next
+                pass
         for a in self.actors:
             ray.kill(a)
         if self._own_placement:

@@ -6,10 +6,12 @@ bench/learning.py, not here).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,8 @@ from vla.processor import NormStats, build_test_tokenizer
 pytestmark = pytest.mark.sim
 
 STATE_DIM = 42  # PickCube-v1 "state" observation
+# Metrics that a repeated (resumed, rebuilt) iteration must reproduce.
+DETERMINISTIC = ("reward_per_chunk", "policy_loss", "value_loss", "approx_kl", "env_steps", "success_once")
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +75,12 @@ def test_local_training_then_resume_repeats_the_uninterrupted_run(init_checkpoin
     # Episodes of 10 steps = 2 chunks: 3 chunks per iteration end at least one episode per env.
     assert full[0]["episodes"] >= 2
 
-    deterministic = ("reward_per_chunk", "policy_loss", "value_loss", "approx_kl", "env_steps", "success_once")
     half = train(_config(init_checkpoint, tmp_path / "half", run={"iterations": 1}))["history"]
-    assert {k: half[0][k] for k in deterministic} == {k: full[0][k] for k in deterministic}
+    assert {k: half[0][k] for k in DETERMINISTIC} == {k: full[0][k] for k in DETERMINISTIC}
     resumed = train(_config(init_checkpoint, tmp_path / "resumed",
                             run={"resume": str(tmp_path / "half" / "checkpoints" / "iter_000000")}))["history"]
     assert [h["iteration"] for h in resumed] == [0, 1]  # history carried over from the checkpoint
-    for key in deterministic:
+    for key in DETERMINISTIC:
         assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
     a = _weights(tmp_path / "full" / "checkpoints" / "iter_000001")
     b = _weights(tmp_path / "resumed" / "checkpoints" / "iter_000001")
@@ -97,45 +100,103 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _kill_first_running_rollout_worker(killed: list[int], timeout_s: float = 240.0) -> None:
-    """SIGKILL the rollout worker process while it runs a rollout (a simulator crash, for real)."""
+def _kill_first_process_running(method: str, killed: list[int], after: Path | None = None,
+                                timeout_s: float = 240.0) -> None:
+    """SIGKILL the first Ray actor process seen executing ``method`` (a crash, for real), once the
+    path ``after`` exists (e.g. the first checkpoint) when given."""
     import psutil
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            # Ray retitles the actor's process while it executes a method.
-            if "RolloutWorker.run" in " ".join(proc.info["cmdline"] or []):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
-                return
+        if after is None or after.exists():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                # Ray retitles the actor's process while it executes a method.
+                if method in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
         time.sleep(0.05)
 
 
+def _ray_config(init, out, **over):
+    cluster = {"use_ray": True, "zero_stage": 2, **over.pop("cluster", {})}
+    return _config(init, out, cluster=cluster, **over)
+
+
+@pytest.fixture(scope="module")
+def ray_reference(init_checkpoint, tmp_path_factory, ray_cluster):
+    """An uninterrupted 2-iteration Flow-SDE run through Ray and DeepSpeed ZeRO-2: what a run that
+    loses a worker or a learner must reproduce."""
+    out = tmp_path_factory.mktemp("ray_reference")
+    history = train(_ray_config(init_checkpoint, out))["history"]
+    assert history[-1]["worker_restarts"] == 0 and history[-1]["learner_restarts"] == 0
+    return history, _weights(out / "checkpoints" / "iter_000001")
+
+
+def _assert_same_run(history, ckpt, reference):
+    ref_history, ref_weights = reference
+    assert [h["iteration"] for h in history] == [0, 1]
+    for h, r in zip(history, ref_history):
+        for key in DETERMINISTIC:
+            assert h[key] == pytest.approx(r[key], rel=1e-5, abs=1e-7), (h["iteration"], key)
+    weights = _weights(ckpt)
+    assert all(torch.allclose(weights[k], ref_weights[k], atol=1e-6) for k in ref_weights)
+
+
 @pytest.mark.parametrize("kind", ["flow_sde", "flow_noise"])
-def test_ray_deepspeed_training(init_checkpoint, tmp_path, ray_cluster, kind):
+def test_ray_deepspeed_training(init_checkpoint, tmp_path, ray_cluster, ray_reference, kind):
     """2 PPO iterations through Ray workers and a DeepSpeed learner; the Flow-SDE run also loses its
-    rollout worker mid-iteration (SIGKILL) and must carry on with a replacement."""
+    rollout worker mid-iteration (SIGKILL), carries on with a replacement, and ends where the
+    uninterrupted run does."""
     killed: list[int] = []
     if kind == "flow_sde":
-        threading.Thread(target=_kill_first_running_rollout_worker, args=(killed,), daemon=True).start()
+        threading.Thread(target=_kill_first_process_running, args=("RolloutWorker.run", killed),
+                         daemon=True).start()
     cfg = _config(init_checkpoint, tmp_path / kind, sampler={"kind": kind},
                   cluster={"use_ray": True, "zero_stage": 2 if kind == "flow_sde" else 0})
     history = train(cfg)["history"]
     assert [h["iteration"] for h in history] == [0, 1]
     assert all(h["first_log_ratio"] < 1e-4 for h in history)
+    ckpt = tmp_path / kind / "checkpoints" / "iter_000001"
     if kind == "flow_sde":
         assert killed, "the rollout worker was never seen running"
         assert history[-1]["worker_restarts"] == 1
+        _assert_same_run(history, ckpt, ray_reference)
     else:
         assert history[-1]["worker_restarts"] == 0
-    ckpt = tmp_path / kind / "checkpoints" / "iter_000001"
     assert (ckpt / "value_head.safetensors").exists()
     assert (ckpt / "noise_head.safetensors").exists() == (kind == "flow_noise")
     assert (tmp_path / kind / "checkpoints" / "iter_000001.deepspeed").is_dir()
     # The saved policy is the learners' latest weights, not the initial ones.
     start, end = _weights(init_checkpoint), _weights(ckpt)
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_a_lost_learner_is_rebuilt_from_the_last_checkpoint(init_checkpoint, tmp_path, ray_cluster, ray_reference):
+    """SIGKILL the DeepSpeed learner in the middle of iteration 1's PPO update: the run rebuilds the
+    learner group and workers from iteration 0's checkpoint, repeats iteration 1, and ends with the
+    uninterrupted run's metrics and weights."""
+    killed: list[int] = []
+    first_checkpoint = tmp_path / "checkpoints" / "iter_000000.deepspeed"
+    threading.Thread(target=_kill_first_process_running, args=("Learner.train_step", killed, first_checkpoint),
+                     daemon=True).start()
+    history = train(_ray_config(init_checkpoint, tmp_path))["history"]
+    assert killed, "the learner was never seen training"
+    assert [h["learner_restarts"] for h in history] == [0, 1]
+    _assert_same_run(history, tmp_path / "checkpoints" / "iter_000001", ray_reference)
+    # Iteration 1 was lost inside its update, before it was logged: each iteration is logged once.
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1]
+
+
+def test_learner_restarts_are_bounded(init_checkpoint, tmp_path, ray_cluster):
+    """With no rebuild allowed, a lost learner ends the run with an error that says so."""
+    killed: list[int] = []
+    threading.Thread(target=_kill_first_process_running, args=("Learner.train_step", killed),
+                     daemon=True).start()
+    with pytest.raises(RuntimeError, match="learner group was lost 1 times"):
+        train(_ray_config(init_checkpoint, tmp_path, run={"iterations": 1}, cluster={"max_learner_restarts": 0}))
+    assert killed
 
 
 def test_unknown_config_keys_are_errors(init_checkpoint, tmp_path):

@@ -15,6 +15,12 @@ Roles are placed by `cluster`: `use_ray=false` runs everything in this process (
 Envs are reset at the start of every iteration with seeds derived from (seed, iteration, worker), so an
 iteration is a function of the weights and its number alone: a resumed run repeats exactly what an
 uninterrupted one would have done.
+
+Failures: a dead rollout worker is replaced and its call retried (rollout.worker). A dead learner rank
+breaks the whole DeepSpeed group (its ZeRO partitions and the collectives die with it), so the run
+rebuilds the learners and workers from its last checkpoint, in this process, and repeats the
+iterations since (`cluster.max_learner_restarts`); metrics.jsonl then holds those iterations twice,
+the later rows with a higher `learner_restarts`.
 """
 
 from __future__ import annotations
@@ -98,6 +104,13 @@ class ClusterConfig:
     ray_address: str | None = None
     """Connect to a running cluster (`ray start --head` / SLURM launcher); None starts a local one."""
     worker_call_timeout_s: float | None = None
+    """A rollout-worker call running longer counts as a dead worker (replaced, call retried)."""
+    learner_call_timeout_s: float | None = None
+    """A learner-group call running longer counts as a lost learner rank; None waits."""
+    max_learner_restarts: int = 2
+    """A lost learner rank rebuilds the learner group and the worker pool from the run's last
+    checkpoint and goes on from the iteration after it (the iterations since are repeated exactly:
+    see the module doc). Past this many rebuilds in one run, the error propagates."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,87 +296,119 @@ def train(cfg: RLConfig) -> dict:
     processor = processor_for(run.init_checkpoint, run.camera_map)
     logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg))
 
+    last_checkpoint = weights_source  # where a lost learner group is rebuilt from (None: the start)
+    learner_restarts = worker_restarts_before = 0
+    learner_lost: tuple[type[BaseException], ...] = ()  # in-process: no learner group to lose
     if cluster.use_ray:
-        pool, learners = _start_ray(cfg, factory, weights_source)
-        train_step = learners.train_step
+        from rollout.learner import LearnerLostError
+
+        learner_lost = (LearnerLostError,)
+        pool, learners, placement = _start_ray(cfg, factory, weights_source)
     else:
         optimizer = GroupedAdamW(cfg.optim)([p for p in host_agent.parameters() if p.requires_grad])
         if weights_source and Path(weights_source + ".optim").exists():
             optimizer.load_state_dict(torch.load(Path(weights_source + ".optim") / "optimizer.pt"))
         learner = LocalLearner(host_agent, optimizer, cfg.optim.max_grad_norm)
         worker = _LocalWorker(host_agent, cfg)
-        train_step = learner.train_step
 
     console = contextlib.ExitStack()
     console.enter_context(logging_redirect_tqdm())
     bar = console.enter_context(progress_bar(run.iterations, "rl", initial=start_iteration))
+    iteration = start_iteration
     try:
-        for iteration in range(start_iteration, run.iterations):
-            bar.set_postfix_str(f"iteration {iteration}: rollout")
-            t0 = time.perf_counter()
-            # 1. weight sync (the local worker shares the learner's module: nothing to move)
-            if cluster.use_ray:
-                version = pool.sync(learners.snapshot_ref())
-            t1 = time.perf_counter()
-            # 2. rollouts
-            if cluster.use_ray:
-                batch = TrajectoryBatch.cat_envs(pool.map(rollout_on_worker, cfg, iteration))
-                if batch.weight_version != version:  # a worker rolled out with other weights
-                    raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
-            else:
-                batch = rollout_on_worker(worker, cfg, iteration)
-            t2 = time.perf_counter()
-            bar.set_postfix_str(f"iteration {iteration}: learn")
-            # 3. advantages
-            valid = None
-            if run.algorithm == "grpo":
-                advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
-                returns = advantages
-            else:
-                advantages, returns = compute_advantages(batch, cfg.gae)
-            # 4. PPO epochs
-            generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
-            metrics = ppo_update(host_agent, train_step, batch, advantages, returns, cfg.sampler, cfg.optim,
-                                 cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
-            t3 = time.perf_counter()
-            # 5. log, evaluate, checkpoint
-            ended = batch.episode_success
-            record = {
-                "iteration": iteration,
-                "env_steps": batch.env_steps,
-                # one episode per env, from the iteration's reset: unbiased (see first_episode_success)
-                "success_once": float(batch.first_episode_success.float().mean()),
-                "success_finished_episodes": float(np.mean(ended)) if ended else float("nan"),
-                "episodes": len(ended),
-                "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
-                "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),
-                "reward_per_chunk": float(batch.rewards.mean()),
-                "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1, "time_learn_s": t3 - t2,
-                "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
-                **{k: v for k, v in metrics.items()},
-            }
-            if cluster.use_ray:
-                record["worker_restarts"] = sum(pool.restarts)
-                record["weight_version"] = version
-            if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
-                bar.set_postfix_str(f"iteration {iteration}: evaluate")
+        while iteration < run.iterations:
+            try:
+                bar.set_postfix_str(f"iteration {iteration}: rollout")
+                t0 = time.perf_counter()
+                # 1. weight sync (the local worker shares the learner's module: nothing to move)
                 if cluster.use_ray:
-                    pool.sync(learners.snapshot_ref())
-                    result = pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
+                    version = pool.sync(learners.snapshot_ref())
+                t1 = time.perf_counter()
+                # 2. rollouts
+                if cluster.use_ray:
+                    batch = TrajectoryBatch.cat_envs(pool.map(rollout_on_worker, cfg, iteration))
+                    if batch.weight_version != version:  # a worker rolled out with other weights
+                        raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
                 else:
-                    result = evaluate_on_worker(worker, cfg, run.eval_episodes)
-                record["eval_success_rate"] = result["success_rate"]
-                record["eval_return"] = result["mean_return"]
-            history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
-            logger.log(record)
-            if (iteration + 1) % run.checkpoint_every == 0 or iteration + 1 == run.iterations:
+                    batch = rollout_on_worker(worker, cfg, iteration)
+                t2 = time.perf_counter()
+                bar.set_postfix_str(f"iteration {iteration}: learn")
+                # 3. advantages
+                valid = None
+                if run.algorithm == "grpo":
+                    advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
+                    returns = advantages
+                else:
+                    advantages, returns = compute_advantages(batch, cfg.gae)
+                # 4. PPO epochs
+                generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
+                train_step = learners.train_step if cluster.use_ray else learner.train_step
+                metrics = ppo_update(host_agent, train_step, batch, advantages, returns, cfg.sampler, cfg.optim,
+                                     cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
+                t3 = time.perf_counter()
+                # 5. log, evaluate, checkpoint
+                ended = batch.episode_success
+                record = {
+                    "iteration": iteration,
+                    "env_steps": batch.env_steps,
+                    # one episode per env, from the iteration's reset: unbiased (see first_episode_success)
+                    "success_once": float(batch.first_episode_success.float().mean()),
+                    "success_finished_episodes": float(np.mean(ended)) if ended else float("nan"),
+                    "episodes": len(ended),
+                    "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
+                    "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),
+                    "reward_per_chunk": float(batch.rewards.mean()),
+                    "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1, "time_learn_s": t3 - t2,
+                    "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
+                    **{k: v for k, v in metrics.items()},
+                }
                 if cluster.use_ray:
-                    host_agent.load_state_dict(learners.get_weights(trainable_only=False), strict=False)
-                path = out / "checkpoints" / f"iter_{iteration:06d}"
-                save_trainer_checkpoint(path, host_agent, processor, iteration, cfg,
-                                        None if cluster.use_ray else optimizer.state_dict(),
-                                        learners if cluster.use_ray else None, history)
-                _point_latest(out, path)
+                    record["worker_restarts"] = worker_restarts_before + sum(pool.restarts)
+                    record["learner_restarts"] = learner_restarts
+                    record["weight_version"] = version
+                if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
+                    bar.set_postfix_str(f"iteration {iteration}: evaluate")
+                    if cluster.use_ray:
+                        pool.sync(learners.snapshot_ref())
+                        result = pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
+                    else:
+                        result = evaluate_on_worker(worker, cfg, run.eval_episodes)
+                    record["eval_success_rate"] = result["success_rate"]
+                    record["eval_return"] = result["mean_return"]
+                history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
+                logger.log(record)
+                if (iteration + 1) % run.checkpoint_every == 0 or iteration + 1 == run.iterations:
+                    if cluster.use_ray:
+                        host_agent.load_state_dict(learners.get_weights(trainable_only=False), strict=False)
+                    path = out / "checkpoints" / f"iter_{iteration:06d}"
+                    save_trainer_checkpoint(path, host_agent, processor, iteration, cfg,
+                                            None if cluster.use_ray else optimizer.state_dict(),
+                                            learners if cluster.use_ray else None, history)
+                    _point_latest(out, path)
+                    last_checkpoint = str(path)
+            except learner_lost as err:
+                # The group cannot be patched: rebuild every role from the last checkpoint and repeat
+                # the iterations since (each is a function of the weights and its number).
+                learner_restarts += 1
+                if learner_restarts > cluster.max_learner_restarts:
+                    raise RuntimeError(f"the learner group was lost {learner_restarts} times "
+                                       f"(cluster.max_learner_restarts={cluster.max_learner_restarts})") from err
+                worker_restarts_before += sum(pool.restarts)
+                pool.shutdown()
+                learners.shutdown(graceful=False)
+                placement.remove()
+                lost_at = iteration
+                iteration, history = _rollback_point(last_checkpoint)
+                log.warning("learner group lost at iteration %d (%s); rebuilt from %s, going on from iteration "
+                            "%d (restart %d of %d)", lost_at, err, last_checkpoint or "the initial policy",
+                            iteration, learner_restarts, cluster.max_learner_restarts)
+                factory = functools.partial(build_agent, run.init_checkpoint, cfg.sampler, cfg.optim.trainable,
+                                            last_checkpoint)
+                pool, learners, placement = _start_ray(cfg, factory, last_checkpoint)
+                bar.n = iteration
+                bar.refresh()
+                continue
+            iteration += 1
             bar.update(1)
             bar.set_postfix_str(f"success {record['success_once']:.2f}"
                                 + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
@@ -373,9 +418,18 @@ def train(cfg: RLConfig) -> dict:
         if cluster.use_ray:
             pool.shutdown()
             learners.shutdown()
+            placement.remove()
         else:
             worker.scratch["env"].close()
     return {"history": history, "output_dir": str(out)}
+
+
+def _rollback_point(checkpoint: str | None) -> tuple[int, list]:
+    """(the iteration to go on from, the history up to it) after rebuilding from ``checkpoint``."""
+    if checkpoint is None:
+        return 0, []
+    meta = read_metadata(checkpoint)
+    return int(meta["iteration"]) + 1, list(meta.get("history", []))
 
 
 def _point_latest(out: Path, path: Path) -> None:
@@ -400,7 +454,8 @@ def _start_ray(cfg: RLConfig, factory, weights_source: str | None):
         learner_gpus=cluster.learner_gpus, worker_gpus=cluster.worker_gpus))
     learners = LearnerGroup(
         LearnerConfig(num_learners=cluster.num_learners, zero_stage=cluster.zero_stage,
-                      grad_clip=cfg.optim.max_grad_norm, seed=cfg.run.seed),
+                      grad_clip=cfg.optim.max_grad_norm, seed=cfg.run.seed,
+                      call_timeout_s=cluster.learner_call_timeout_s),
         factory, GroupedAdamW(cfg.optim), placement=placement)
     if weights_source and Path(weights_source + ".deepspeed").exists():
         learners.load_checkpoint(weights_source + ".deepspeed", tag="state")
@@ -408,4 +463,4 @@ def _start_ray(cfg: RLConfig, factory, weights_source: str | None):
         WorkerPoolConfig(num_workers=cluster.num_rollout_workers, seed=cfg.run.seed,
                          call_timeout_s=cluster.worker_call_timeout_s),
         factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
-    return pool, learners
+    return pool, learners, placement

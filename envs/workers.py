@@ -8,10 +8,12 @@ over `multiprocessing` (spawn context: SAPIEN/Vulkan and MuJoCo/EGL state must n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -34,6 +36,22 @@ def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
     # Children ignore Ctrl-C: the parent decides when they stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        _serve(conn, factory)
+    except (EOFError, OSError):
+        pass  # the parent is gone (killed, or it closed the pipe): nobody is left to answer
+    finally:
+        # Leave without the interpreter's exit handlers. After a simulator ran here they can hang:
+        # the env workers of a SIGTERMed trainer were found spinning at 100% CPU for over 10 minutes
+        # in torch's static destructors (malloc_consolidate), 32 orphans holding ~16 GiB.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+
+def _serve(conn, factory: Callable[[], Any]) -> None:
+    """Build the env, then answer the parent's commands until "close" or until the pipe breaks."""
+    try:
         env = factory()
     except BaseException:  # report construction errors (e.g. missing assets) instead of dying
         conn.send(("error", traceback.format_exc()))
@@ -41,10 +59,7 @@ def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
         return
     conn.send(("ok", env.spec()))
     while True:
-        try:
-            cmd, payload = conn.recv()
-        except (EOFError, KeyboardInterrupt):
-            break
+        cmd, payload = conn.recv()  # EOFError once the parent is gone
         if cmd == "close":
             try:
                 env.close()
@@ -69,9 +84,10 @@ def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
                 result = getattr(env, name)(*args)
             else:
                 raise ValueError(f"unknown command {cmd!r}")
-            conn.send(("ok", result))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
+            reply = ("ok", result)
+        except Exception:  # the simulator raised: the parent raises EnvWorkerError with this text
+            reply = ("error", traceback.format_exc())
+        conn.send(reply)
     conn.close()
 
 

@@ -239,6 +239,31 @@ def _counting_env_factory(index: int):
     return functools.partial(_CountingEnv, index)
 
 
+class _EnvWithExitHook(_CountingEnv):
+    """Registers an interpreter exit handler in its worker that leaves a marker file: stands in for
+    the torch/simulator static destructors that hung orphaned workers at exit."""
+
+    def __init__(self, marker: str):
+        super().__init__(0)
+        import atexit
+        import pathlib
+
+        atexit.register(pathlib.Path(marker).write_text, "exit handlers ran")
+
+
+def test_env_worker_whose_parent_is_gone_exits_at_once_without_exit_handlers(tmp_path):
+    from envs.workers import SubprocEnvPool
+
+    marker = tmp_path / "exit_handlers_ran"
+    pool = SubprocEnvPool([functools.partial(_EnvWithExitHook, str(marker))], timeout_s=60)
+    proc = pool._procs[0]
+    pool._conns[0].close()  # what the worker sees when its parent process is killed: EOF
+    proc.join(timeout=20)
+    assert proc.exitcode == 0, "the worker did not leave after its parent's end of the pipe closed"
+    assert not marker.exists(), "the worker ran the interpreter's exit handlers (they can hang)"
+    pool.close()
+
+
 def test_env_pool_starts_workers_in_waves_and_cleans_up_a_failed_start(monkeypatch):
     from envs.workers import EnvWorkerError, SubprocEnvPool
 

@@ -331,6 +331,7 @@ class LearnerGroup:
         (not after the others time out in a collective waiting for it) or past ``call_timeout_s``.
         Errors raised by the called code itself (a bad batch, a NaN check) propagate unchanged."""
         deadline = None if self.cfg.call_timeout_s is None else time.monotonic() + self.cfg.call_timeout_s
+        results: dict[ray.ObjectRef, Any] = {}
         pending = list(refs)
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -338,10 +339,10 @@ class LearnerGroup:
             if not ready:
                 raise LearnerLostError(f"a learner call ran past call_timeout_s={self.cfg.call_timeout_s}")
             try:
-                ray.get(ready)
+                results[ready[0]] = ray.get(ready[0])
             except RayActorError as err:
                 raise LearnerLostError(f"a learner rank died: {err}") from err
-        return ray.get(list(refs))
+        return [results[r] for r in refs]
 
     def shutdown(self, graceful: bool = True) -> None:
         """Tear the process group down and kill the actors. ``graceful=False`` (after a lost rank)

@@ -421,11 +421,77 @@ class LeRobotReader:
         return NormStats({"state": compute_stats(self.state), "action": compute_stats(self.actions)})
 
 
+class ConcatReader:
+    """Several LeRobot datasets read as one (the LeRobotReader attributes SFT uses).
+
+    Rows, episodes and frames are those of the datasets one after the other; episode indices are
+    renumbered to stay unique, and tasks are merged by their prompt text, so the same prompt in two
+    datasets is one task. All datasets need the same state and action sizes and the same cameras.
+    """
+
+    def __init__(self, roots: Sequence[str], **reader_kwargs):
+        if not roots:
+            raise ValueError("ConcatReader: no dataset roots")
+        self.parts = [LeRobotReader(root, **reader_kwargs) for root in roots]
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if (part.state.shape[1], part.actions.shape[1]) != (first.state.shape[1], first.actions.shape[1]):
+                raise ValueError(f"{part.root}: state/action sizes {part.state.shape[1]}/{part.actions.shape[1]}"
+                                 f" differ from {first.root}'s {first.state.shape[1]}/{first.actions.shape[1]}")
+            if part.fps != first.fps:
+                raise ValueError(f"{part.root}: fps {part.fps} differs from {first.root}'s {first.fps}")
+            if sorted(part.camera_keys) != sorted(first.camera_keys):
+                raise ValueError(f"{part.root}: cameras {sorted(part.camera_keys)} differ from"
+                                 f" {first.root}'s {sorted(first.camera_keys)}")
+        self.root = ",".join(roots)
+        self.fps = first.fps
+        self.camera_keys = dict(first.camera_keys)
+        self.state = np.concatenate([p.state for p in self.parts])
+        self.actions = np.concatenate([p.actions for p in self.parts])
+        self.frame_index = np.concatenate([p.frame_index for p in self.parts])
+        texts = [[part.prompt(row) for row in range(len(part))] for part in self.parts]
+        self.tasks = dict(enumerate(sorted({t for part_texts in texts for t in part_texts})))
+        by_text = {text: i for i, text in self.tasks.items()}
+        episode_index, task_index, self.episodes, starts = [], [], [], []
+        row0 = episode0 = 0
+        for part, part_texts in zip(self.parts, texts):
+            if not len(part):
+                raise ValueError(f"{part.root}: no frames")
+            shift = episode0 - int(part.episode_index.min())  # renumber: episodes stay unique
+            starts.append(row0)
+            episode_index.append(part.episode_index + shift)
+            task_index.append(np.array([by_text[t] for t in part_texts], dtype=np.int64))
+            self.episodes += [{"episode_index": ep["episode_index"] + shift, "from": ep["from"] + row0,
+                               "to": ep["to"] + row0, "length": ep["length"]} for ep in part.episodes]
+            row0 += len(part)
+            episode0 = int(episode_index[-1].max()) + 1
+        self._part_start = np.asarray(starts)
+        self.episode_index = np.concatenate(episode_index)
+        self.task_index = np.concatenate(task_index)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def _locate(self, row: int) -> tuple[LeRobotReader, int]:
+        part = int(np.searchsorted(self._part_start, row, side="right")) - 1
+        return self.parts[part], row - int(self._part_start[part])
+
+    def prompt(self, row: int) -> str:
+        return self.tasks[int(self.task_index[row])]
+
+    def image(self, camera: str, row: int) -> np.ndarray:
+        part, local = self._locate(row)
+        return part.image(camera, local)
+
+    def compute_norm_stats(self) -> NormStats:
+        return NormStats({"state": compute_stats(self.state), "action": compute_stats(self.actions)})
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT batches
 # ---------------------------------------------------------------------------------------------
 class SFTChunkDataset:
-    """Action chunks for flow-matching SFT from a LeRobot dataset.
+    """Action chunks for flow-matching SFT from a LeRobot dataset (or several: `root` a list).
 
     Sample i is frame i: its observation (images, state, prompt) and the actions of frames
     i .. i+H-1 of the same episode. Steps past the episode end repeat the last action and are
@@ -435,13 +501,16 @@ class SFTChunkDataset:
     `stats_path` when not given).
     """
 
-    def __init__(self, root: str, horizon: int, *, action_pad_dim: int | None = None,
+    def __init__(self, root: str | Sequence[str], horizon: int, *, action_pad_dim: int | None = None,
                  norm_mode: str = "none", norm_stats: NormStats | str | None = None,
                  stats_path: str | None = None, cameras: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = None, **reader_kwargs):
         if horizon < 1:
             raise ValueError("horizon must be >= 1")
-        self.reader = LeRobotReader(root, **reader_kwargs)
+        if isinstance(root, str):
+            self.reader = LeRobotReader(root, **reader_kwargs)
+        else:
+            self.reader = ConcatReader(list(root), **reader_kwargs)
         self.horizon = horizon
         self.action_dim = self.reader.actions.shape[1]
         self.action_pad_dim = action_pad_dim or self.action_dim

@@ -120,6 +120,36 @@ def test_lerobot_v3_roundtrip(tmp_path, image_mode):
         write_lerobot_dataset(root, eps, fps=10)
 
 
+def test_several_datasets_read_as_one(tmp_path):
+    """SFT on several datasets: the same chunks as each dataset alone, episodes renumbered, tasks merged
+    by prompt, and chunks never run from one dataset into the next."""
+    rng = np.random.default_rng(3)
+    first, second = _episodes(rng, lengths=(5, 3)), _episodes(rng, lengths=(2, 4, 3))
+    second[2].prompt = "task 7"
+    write_lerobot_dataset(str(tmp_path / "a"), first, fps=10)
+    write_lerobot_dataset(str(tmp_path / "b"), second, fps=10)
+    both = SFTChunkDataset([str(tmp_path / "a"), str(tmp_path / "b")], horizon=4)
+    alone = [SFTChunkDataset(str(tmp_path / n), horizon=4) for n in "ab"]
+    assert len(both) == 8 + 9 and both.reader.tasks == {0: "task 0", 1: "task 1", 2: "task 7"}
+    assert [e["episode_index"] for e in both.reader.episodes] == [0, 1, 2, 3, 4]
+    assert [(e["from"], e["to"]) for e in both.reader.episodes][2:] == [(8, 10), (10, 14), (14, 17)]
+    got = both.get_batch(range(len(both)))
+    for key in ("actions", "action_valid", "state", "prompt", "frame_index"):
+        want = [alone[0].get_batch(range(8))[key], alone[1].get_batch(range(9))[key]]
+        want = want[0] + want[1] if key == "prompt" else np.concatenate(want)
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    np.testing.assert_array_equal(got["images"]["front"][8:], alone[1].get_batch(range(9))["images"]["front"])
+    np.testing.assert_array_equal(got["episode_index"], [0] * 5 + [1] * 3 + [2] * 2 + [3] * 4 + [4] * 3)
+    # Row 7 is the first dataset's last frame: its chunk repeats that frame, not the next dataset's.
+    assert got["action_valid"][7].tolist() == [True, False, False, False]
+    stats = both.reader.compute_norm_stats()
+    np.testing.assert_allclose(stats.stats["action"]["mean"],
+                               np.concatenate([e.actions for e in first + second]).mean(0), rtol=1e-5)
+    write_lerobot_dataset(str(tmp_path / "c"), _episodes(rng, cams=("wrist",)), fps=10)
+    with pytest.raises(ValueError, match="cameras"):
+        SFTChunkDataset([str(tmp_path / "a"), str(tmp_path / "c")], horizon=4)
+
+
 def test_reads_lerobot_v2_layout_with_openpi_keys(tmp_path):
     """A v2.0 dataset as openpi's LIBERO converter writes it: keys image/wrist_image/state/actions,
     one parquet per episode, meta/episodes.jsonl and tasks.jsonl."""

@@ -6,6 +6,7 @@ bench/learning.py, not here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,9 +102,9 @@ def ray_cluster():
 
 
 def _kill_first_process_running(method: str, killed: list[int], after: Path | None = None,
-                                timeout_s: float = 240.0) -> None:
-    """SIGKILL the first Ray actor process seen executing ``method`` (a crash, for real), once the
-    path ``after`` exists (e.g. the first checkpoint) when given."""
+                                timeout_s: float = 240.0, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` (default SIGKILL: a crash, for real; SIGSTOP: a hang) to the first Ray actor
+    process seen executing ``method``, once the path ``after`` exists (e.g. the first checkpoint)."""
     import psutil
 
     deadline = time.time() + timeout_s
@@ -112,7 +113,7 @@ def _kill_first_process_running(method: str, killed: list[int], after: Path | No
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 # Ray retitles the actor's process while it executes a method.
                 if method in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    os.kill(proc.info["pid"], sig)
                     killed.append(proc.info["pid"])
                     return
         time.sleep(0.05)
@@ -187,6 +188,25 @@ def test_a_lost_learner_is_rebuilt_from_the_last_checkpoint(init_checkpoint, tmp
     # Iteration 1 was lost inside its update, before it was logged: each iteration is logged once.
     logged = [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [0, 1]
+
+
+def test_a_hung_learner_times_out_and_is_rebuilt(init_checkpoint, tmp_path, ray_cluster, ray_reference):
+    """SIGSTOP the learner inside iteration 1's PPO update (alive but silent, as a rank stuck in a
+    collective or on a hung device): past `cluster.learner_call_timeout_s` the group counts as lost,
+    is rebuilt from iteration 0's checkpoint, and the run ends as the uninterrupted one."""
+    stopped: list[int] = []
+    threading.Thread(target=_kill_first_process_running,
+                     args=("Learner.train_step", stopped, tmp_path / "checkpoints" / "iter_000000.deepspeed"),
+                     kwargs={"sig": signal.SIGSTOP}, daemon=True).start()
+    try:
+        history = train(_ray_config(init_checkpoint, tmp_path, cluster={"learner_call_timeout_s": 30.0}))["history"]
+    finally:
+        for pid in stopped:  # the rebuild kills it through Ray; make sure of it either way
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped, "the learner was never seen training"
+    assert [h["learner_restarts"] for h in history] == [0, 1]
+    _assert_same_run(history, tmp_path / "checkpoints" / "iter_000001", ray_reference)
 
 
 def test_learner_restarts_are_bounded(init_checkpoint, tmp_path, ray_cluster):

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    dataset: str = ""
-    """Root of a LeRobot-format dataset (v2.x or v3.0), e.g. one written by `pirl demos`."""
+    dataset: str | list[str] = ""
+    """Root of a LeRobot-format dataset (v2.x or v3.0), e.g. one written by `pirl demos`, or a list of
+    roots read as one dataset (`dataset=[data/a,data/b]`: same state/action sizes and cameras)."""
     model: dict = dataclasses.field(default_factory=lambda: {"variant": "pi0"})
     """Fields of vla.config.ModelConfig (the Hydra group configs/model/: `model=tiny_maniskill_state`)."""
     init_checkpoint: str | None = None
@@ -79,7 +80,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     set_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.output_dir)
     model_cfg = build_model_config(cfg.model)
-    dataset = SFTChunkDataset(cfg.dataset, model_cfg.action_horizon, norm_mode="none",
+    roots = cfg.dataset if isinstance(cfg.dataset, str) else [str(root) for root in cfg.dataset]
+    dataset = SFTChunkDataset(roots, model_cfg.action_horizon, norm_mode="none",
                               cameras=list(cfg.cameras.values()))
     processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out)
     if cfg.init_checkpoint:

@@ -22,6 +22,18 @@ class ToyBackend:
         self._state = np.zeros((cfg.num_envs, cfg.state_dim), dtype=np.float32)
         self._t = np.zeros(cfg.num_envs, dtype=np.int64)
         self._action_sum = np.zeros(cfg.num_envs, dtype=np.float64)
+        self._paid_steps = np.zeros(cfg.num_envs, dtype=np.int64)
+        self._cue_rngs = [np.random.default_rng(i) for i in range(cfg.num_envs)]
+        self._center, self._spread = np.zeros(cfg.state_dim), np.ones(cfg.state_dim)
+        if cfg.state_stats:
+            import json
+
+            stats = json.loads(open(cfg.state_stats).read())
+            stats = stats.get("norm_stats", stats)["state"]
+            self._center, self._spread = np.asarray(stats["mean"]), np.asarray(stats["std"])
+            if self._center.shape != (cfg.state_dim,):
+                raise ValueError(f"{cfg.state_stats}: state stats have {self._center.shape[0]} dims, "
+                                 f"the toy state_dim is {cfg.state_dim}")
 
     def env_spec(self) -> EnvSpec:
         cfg = self.cfg
@@ -34,11 +46,21 @@ class ToyBackend:
     def reset_envs(self, indices: Sequence[int], seeds: Sequence[int], hard: bool = False):
         for i, seed in zip(indices, seeds):
             rng = np.random.default_rng(int(seed))
-            self._state[i] = rng.normal(scale=self.cfg.state_scale, size=self.cfg.state_dim)
-            self._t[i], self._action_sum[i] = 0, 0.0
+            self._state[i] = self._center + self._spread * rng.normal(scale=self.cfg.state_scale,
+                                                                      size=self.cfg.state_dim)
+            self._t[i], self._action_sum[i], self._paid_steps[i] = 0, 0.0, 0
+            if self.cfg.cue_period:
+                self._cue_rngs[i] = rng
+                self._draw_cue(i)
         return {i: (self._obs(i), {}) for i in indices}, []
 
+    def _draw_cue(self, i: int) -> None:
+        d = self.cfg.cue_dim
+        self._state[i, d] = self._center[d] + self._spread[d] * self.cfg.cue_scale * self._cue_rngs[i].choice([-1.0, 1.0])
+
     def step_envs(self, indices: Sequence[int], actions: np.ndarray):
+        if self.cfg.cue_period:
+            return self._step_cued(indices, actions)
         cfg = self.cfg
         idx = np.asarray(indices, dtype=np.int64)
         self._t[idx] += 1
@@ -47,6 +69,21 @@ class ToyBackend:
         success = done & (self._action_sum[idx] / cfg.episode_steps > cfg.threshold)
         results = {int(i): (self._obs(int(i)), float(s), bool(d), False, {"success": bool(s)})
                    for i, d, s in zip(idx, done, success)}
+        return results, []
+
+    def _step_cued(self, indices: Sequence[int], actions: np.ndarray):
+        cfg = self.cfg
+        idx = np.asarray(indices, dtype=np.int64)
+        # The reward of this step is judged against the cue the policy saw (the one before the redraw).
+        paid = np.sign(self._state[idx, cfg.cue_dim] - self._center[cfg.cue_dim]) * (actions[:, cfg.action_index] - cfg.threshold) > 0
+        self._paid_steps[idx] += paid
+        self._t[idx] += 1
+        done = self._t[idx] >= cfg.episode_steps
+        success = done & (self._paid_steps[idx] >= 0.75 * cfg.episode_steps)
+        for i in idx[(self._t[idx] % cfg.cue_period == 0) & ~done]:
+            self._draw_cue(int(i))
+        results = {int(i): (self._obs(int(i)), float(p) / cfg.episode_steps, bool(d), False, {"success": bool(s)})
+                   for i, p, d, s in zip(idx, paid, done, success)}
         return results, []
 
     def close(self) -> None:

@@ -76,6 +76,50 @@ def test_toy_env_rewards_the_mean_action_above_the_threshold():
         assert not terminated.any() and reward.sum() == 0
 
 
+def test_cued_toy_pays_each_step_that_follows_the_cue_it_showed():
+    cfg = {**ENV, "num_envs": 2, "seed": 0, "episode_steps": 10, "cue_period": 5, "cue_dim": 3, "cue_scale": 0.5}
+    with make_env(cfg) as env:
+        obs = env.reset(0)
+        cues = [np.sign(obs["state"][:, 3])]
+        assert np.all(np.abs(obs["state"][:, 3]) == 0.5)
+        actions = np.zeros((2, 10, 7), dtype=np.float32)
+        # Env 0 follows its cue in 4 of 5 steps, env 1 goes against it in every step.
+        actions[0, :5, 0] = cues[0][0] * np.array([0.1, 0.1, 0.1, 0.1, -0.1])
+        actions[1, :5, 0] = -cues[0][1] * 0.1
+        obs, reward, terminated, _, _ = env.step_chunk(actions, n_exec=5)
+        np.testing.assert_allclose(reward, [0.4, 0.0])
+        assert not terminated.any()
+        # Over many chunks the redrawn cue takes both signs (it is redrawn, not fixed per episode).
+        cues.append(np.sign(obs["state"][:, 3]))
+        actions[:, :5, 0] = cues[1][:, None] * 0.1  # both follow the new cue in every step
+        _, reward, terminated, _, info = env.step_chunk(actions, n_exec=5)
+        np.testing.assert_allclose(reward, [0.5, 0.5])
+        assert terminated.all()
+        # Success needs >= 3/4 of the steps paid: env 0 has 9 of 10, env 1 has 5 of 10.
+        assert info["success_once"].tolist() == [True, False]
+    seen = set()
+    with make_env({**cfg, "num_envs": 16}) as env:
+        obs = env.reset(0)
+        for _ in range(2):
+            before = np.sign(obs["state"][:, 3])
+            obs, *_ = env.step_chunk(np.zeros((16, 10, 7), dtype=np.float32), n_exec=5)
+            seen.update((before != np.sign(obs["state"][:, 3])).tolist())
+    assert seen == {True, False}
+    # With a policy's state statistics the states sit at mean + scale * std, the cue at mean +- std.
+    stats_file = Path(__file__).resolve().parents[1] / "assets" / "pickcube_tiny_sft" / "norm_stats.json"
+    import json
+
+    stats = json.loads(stats_file.read_text())["norm_stats"]["state"]
+    mean, std = np.array(stats["mean"]), np.array(stats["std"])
+    with make_env({**cfg, "state_scale": 0.0, "cue_scale": 1.0, "state_stats": str(stats_file)}) as env:
+        state = env.reset(0)["state"]
+    others = np.arange(42) != 3
+    np.testing.assert_allclose(state[:, others], np.broadcast_to(mean[others], (2, 41)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.abs(state[:, 3] - mean[3]), [std[3]] * 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="state stats have 42 dims"):
+        make_env({**cfg, "state_dim": 8, "state_stats": str(stats_file)})
+
+
 def test_toy_config_errors():
     from envs import ConfigError
 

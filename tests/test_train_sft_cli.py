@@ -173,3 +173,44 @@ def test_two_process_sft_keeps_the_ranks_identical(dataset, tmp_path):
     assert result["wrapper"] == "DistributedDataParallel" and len(result["sums"]) == 2
     assert result["sums"][0] == result["sums"][1], result["sums"]
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+
+
+def test_ema_update_matches_its_closed_form():
+    from pirl.train.sft import ema_update
+
+    start, target, decay = torch.tensor([1.0, -2.0, 4.0]), torch.tensor([3.0, 0.5, -1.0]), 0.9
+    average = [start.clone()]
+    for _ in range(7):
+        ema_update(average, [target], decay)
+    torch.testing.assert_close(average[0], target + decay ** 7 * (start - target))
+    with pytest.raises(ValueError, match="ema_decay"):
+        ema_update(average, [target], 1.0)
+
+
+def test_sft_with_ema_writes_the_average_of_the_raw_weights(dataset, tmp_path):
+    """Same seed with and without the average: the raw trajectory w1, w2, w3 is the same, and the
+    checkpoints of the EMA run must equal d*w0 + (1-d)*w1 and d^3*w0 + (1-d)*(d^2*w1 + d*w2 + w3)."""
+    from safetensors.torch import load_file
+
+    common = dict(dataset=dataset, model=_model_section(state_dim=8), cameras={"wrist_0_rgb": "wrist"},
+                  batch_size=8, lr=3e-3, warmup_steps=0, log_every=1)
+    start = train_sft(SFTConfig(**common, output_dir=str(tmp_path / "start"), steps=1))
+    raw_dir, ema_dir, decay = tmp_path / "raw", tmp_path / "ema", 0.5
+    train_sft(SFTConfig(**common, init_checkpoint=str(start), output_dir=str(raw_dir), steps=3, save_every=1))
+    train_sft(SFTConfig(**common, init_checkpoint=str(start), output_dir=str(ema_dir), steps=3, save_every=1,
+                        ema_decay=decay))
+
+    def weights(path):
+        return load_file(str(path / "model.safetensors"))
+
+    w0, w1, w2, w3 = (weights(p) for p in (start, raw_dir / "checkpoints" / "step_0000001",
+                                         raw_dir / "checkpoints" / "step_0000002", raw_dir / "final"))
+    ema1, ema3 = weights(ema_dir / "checkpoints" / "step_0000001"), weights(ema_dir / "final")
+    moved = [k for k in w0 if not torch.equal(w0[k], w3[k])]
+    assert len(moved) > 10  # the test means something only if training moved the weights
+    for key in w0:
+        torch.testing.assert_close(ema1[key], decay * w0[key] + (1 - decay) * w1[key], rtol=1e-5, atol=1e-6)
+        expected = decay ** 3 * w0[key] + (1 - decay) * (decay ** 2 * w1[key] + decay * w2[key] + w3[key])
+        torch.testing.assert_close(ema3[key], expected, rtol=1e-5, atol=1e-6)
+    meta = json.loads((ema_dir / "final" / "config.json").read_text())["metadata"]
+    assert meta["ema_decay"] == decay

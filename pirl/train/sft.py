@@ -50,6 +50,11 @@ class SFTConfig:
     grad_clip: float = 1.0
     trainable: str = "all"
     """"all", or "expert": the action expert, its projections and heads (the VLM frozen)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the trained weights, ema <- d * ema + (1 - d) * w after
+    every step, and write it (not the raw weights) to every checkpoint; None = no average. openpi
+    trains π0 with d = 0.99. Closed-loop success of a behaviour-cloned policy moves a lot from one
+    checkpoint to the next (bench/results/sft_recipe.md); the average damps that."""
     seed: int = 0
     log_every: int = 100
     save_every: int = 1000
@@ -61,6 +66,32 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def ema_update(average: list[torch.Tensor], weights: list[torch.Tensor], decay: float) -> None:
+    """average <- decay * average + (1 - decay) * weights, in place, tensor by tensor.
+
+    After n updates towards constant weights w from a0: average = w + decay**n * (a0 - w).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+    with torch.no_grad():
+        torch._foreach_lerp_(average, [w.detach().to(a.dtype) for w, a in zip(weights, average)], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def weights_replaced(params: list[torch.nn.Parameter], replacement: list[torch.Tensor]):
+    """Temporarily copies `replacement` into `params` (e.g. to save the EMA weights); restores them after."""
+    kept = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, r in zip(params, replacement):
+            p.copy_(r)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
 
 
 def train_sft(cfg: SFTConfig) -> Path:
@@ -94,6 +125,15 @@ def train_sft(cfg: SFTConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     model = accelerator.unwrap_model(policy)
+    ema = None
+    if cfg.ema_decay is not None:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            raise ValueError("sft: ema_decay needs whole parameters on each rank; use ZeRO stage <= 2")
+        ema_update([torch.zeros(())], [torch.zeros(())], cfg.ema_decay)  # checks the range early
+        ema = [p.detach().float().clone() for p in params]
+    # Checkpoints hold the EMA weights when there is an average, the raw weights otherwise.
+    saved_weights = (lambda: weights_replaced(params, ema)) if ema is not None else contextlib.nullcontext
     rng = np.random.default_rng(cfg.seed + 1000 * accelerator.process_index)
     dim_mask = processor.dim_mask().to(accelerator.device)
     started, losses = time.perf_counter(), []
@@ -115,6 +155,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema_update(ema, params, cfg.ema_decay)
         losses.append(loss.item())
         if accelerator.is_main_process:
             bar.update(1)
@@ -125,15 +167,19 @@ def train_sft(cfg: SFTConfig) -> Path:
             log.info("sft step %d/%d  loss %.4f  lr %.2e  %.1f steps/s", step + 1, cfg.steps,
                      float(np.mean(losses[-cfg.log_every:])), lr_at(step, cfg), rate)
         if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_policy(out / "checkpoints" / f"step_{step + 1:07d}", model, processor.norm_stats,
-                        metadata={"sft_step": step + 1}, tokenizer_file=tokenizer_file)
+            with saved_weights():
+                save_policy(out / "checkpoints" / f"step_{step + 1:07d}", model, processor.norm_stats,
+                            metadata={"sft_step": step + 1, "ema_decay": cfg.ema_decay},
+                            tokenizer_file=tokenizer_file)
     console.close()
     final = out / "final"
     if accelerator.is_main_process:
-        save_policy(final, model, processor.norm_stats,
-                    metadata={"sft_step": cfg.steps, "sft_config": dataclasses.asdict(cfg),
-                              "final_loss": float(np.mean(losses[-cfg.log_every:]))},
-                    tokenizer_file=tokenizer_file)
+        with saved_weights():
+            save_policy(final, model, processor.norm_stats,
+                        metadata={"sft_step": cfg.steps, "sft_config": dataclasses.asdict(cfg),
+                                  "ema_decay": cfg.ema_decay,
+                                  "final_loss": float(np.mean(losses[-cfg.log_every:]))},
+                        tokenizer_file=tokenizer_file)
         log.info("sft: wrote %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -5,6 +5,8 @@ policy-gradient setup must learn, and by users to smoke-test a new RL config in 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,9 +28,7 @@ class ToyBackend:
         self._cue_rngs = [np.random.default_rng(i) for i in range(cfg.num_envs)]
         self._center, self._spread = np.zeros(cfg.state_dim), np.ones(cfg.state_dim)
         if cfg.state_stats:
-            import json
-
-            stats = json.loads(open(cfg.state_stats).read())
+            stats = json.loads(Path(cfg.state_stats).read_text())
             stats = stats.get("norm_stats", stats)["state"]
             self._center, self._spread = np.asarray(stats["mean"]), np.asarray(stats["std"])
             if self._center.shape != (cfg.state_dim,):
@@ -55,8 +55,8 @@ class ToyBackend:
         return {i: (self._obs(i), {}) for i in indices}, []
 
     def _draw_cue(self, i: int) -> None:
-        d = self.cfg.cue_dim
-        self._state[i, d] = self._center[d] + self._spread[d] * self.cfg.cue_scale * self._cue_rngs[i].choice([-1.0, 1.0])
+        d, sign = self.cfg.cue_dim, self._cue_rngs[i].choice([-1.0, 1.0])
+        self._state[i, d] = self._center[d] + self._spread[d] * self.cfg.cue_scale * sign
 
     def step_envs(self, indices: Sequence[int], actions: np.ndarray):
         if self.cfg.cue_period:
@@ -75,15 +75,16 @@ class ToyBackend:
         cfg = self.cfg
         idx = np.asarray(indices, dtype=np.int64)
         # The reward of this step is judged against the cue the policy saw (the one before the redraw).
-        paid = np.sign(self._state[idx, cfg.cue_dim] - self._center[cfg.cue_dim]) * (actions[:, cfg.action_index] - cfg.threshold) > 0
+        cue_sign = np.sign(self._state[idx, cfg.cue_dim] - self._center[cfg.cue_dim])
+        paid = cue_sign * (actions[:, cfg.action_index] - cfg.threshold) > 0
         self._paid_steps[idx] += paid
         self._t[idx] += 1
         done = self._t[idx] >= cfg.episode_steps
         success = done & (self._paid_steps[idx] >= 0.75 * cfg.episode_steps)
         for i in idx[(self._t[idx] % cfg.cue_period == 0) & ~done]:
             self._draw_cue(int(i))
-        results = {int(i): (self._obs(int(i)), float(p) / cfg.episode_steps, bool(d), False, {"success": bool(s)})
-                   for i, p, d, s in zip(idx, paid, done, success)}
+        results = {int(i): (self._obs(int(i)), float(p) / cfg.episode_steps, bool(d), False,
+                            {"success": bool(s)}) for i, p, d, s in zip(idx, paid, done, success)}
         return results, []
 
     def close(self) -> None:

@@ -68,13 +68,17 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def check_ema_decay(decay: float) -> None:
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+
+
 def ema_update(average: list[torch.Tensor], weights: list[torch.Tensor], decay: float) -> None:
     """average <- decay * average + (1 - decay) * weights, in place, tensor by tensor.
 
     After n updates towards constant weights w from a0: average = w + decay**n * (a0 - w).
     """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+    check_ema_decay(decay)
     with torch.no_grad():
         torch._foreach_lerp_(average, [w.detach().to(a.dtype) for w, a in zip(weights, average)], 1.0 - decay)
 
@@ -130,7 +134,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None and plugin.zero_stage == 3:
             raise ValueError("sft: ema_decay needs whole parameters on each rank; use ZeRO stage <= 2")
-        ema_update([torch.zeros(())], [torch.zeros(())], cfg.ema_decay)  # checks the range early
+        check_ema_decay(cfg.ema_decay)
         ema = [p.detach().float().clone() for p in params]
     # Checkpoints hold the EMA weights when there is an average, the raw weights otherwise.
     saved_weights = (lambda: weights_replaced(params, ema)) if ema is not None else contextlib.nullcontext

@@ -28,6 +28,8 @@ class ToyBackend:
         self._cue_rngs = [np.random.default_rng(i) for i in range(cfg.num_envs)]
         self._center, self._spread = np.zeros(cfg.state_dim), np.ones(cfg.state_dim)
         if cfg.state_stats:
+            # Read here, not with vla.processor's loader: envs must not import vla (one direction of
+            # dependency). Only the state's mean and std are used.
             stats = json.loads(Path(cfg.state_stats).read_text())
             stats = stats.get("norm_stats", stats)["state"]
             self._center, self._spread = np.asarray(stats["mean"]), np.asarray(stats["std"])

@@ -10,9 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,22 +98,33 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _kill_first_process_running(method: str, killed: list[int], after: Path | None = None,
-                                timeout_s: float = 240.0, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` (default SIGKILL: a crash, for real; SIGSTOP: a hang) to the first Ray actor
-    process seen executing ``method``, once the path ``after`` exists (e.g. the first checkpoint)."""
-    import psutil
+def _signal_learner_in_update(monkeypatch, update: int, before_step: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to learner rank 0's process (SIGKILL: a crash, for real; SIGSTOP: a hang) just
+    before optimizer step ``before_step`` of the ``update``-th PPO update (0-based, counted over the
+    run). The fault is placed from the driver, at an exact point of the loop, so the test does not
+    race the (milliseconds-long) learner call it aims at. Returns the list the signalled pid goes in."""
+    from pirl.train import rl
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if after is None or after.exists():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                # Ray retitles the actor's process while it executes a method.
-                if method in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], sig)
-                    killed.append(proc.info["pid"])
-                    return
-        time.sleep(0.05)
+    real_update, signalled, updates = rl.ppo_update, [], [0]
+
+    def update_with_fault(agent, train_step, *args, **kwargs):
+        index, updates[0] = updates[0], updates[0] + 1
+        if index != update or signalled:
+            return real_update(agent, train_step, *args, **kwargs)
+        group, steps = train_step.__self__, [0]  # the LearnerGroup whose bound train_step this is
+
+        def step_with_fault(minibatch, loss_fn):
+            if steps[0] == before_step and not signalled:
+                pid = group.pids()[0]
+                os.kill(pid, sig)
+                signalled.append(pid)
+            steps[0] += 1
+            return train_step(minibatch, loss_fn)
+
+        return real_update(agent, step_with_fault, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "ppo_update", update_with_fault)
+    return signalled
 
 
 def _ray_config(init, out, **over):
@@ -145,14 +153,24 @@ def _assert_same_run(history, ckpt, reference):
 
 
 @pytest.mark.parametrize("kind", ["flow_sde", "flow_noise"])
-def test_ray_deepspeed_training(init_checkpoint, tmp_path, ray_cluster, ray_reference, kind):
+def test_ray_deepspeed_training(init_checkpoint, tmp_path, ray_cluster, ray_reference, kind, monkeypatch):
     """2 PPO iterations through Ray workers and a DeepSpeed learner; the Flow-SDE run also loses its
-    rollout worker mid-iteration (SIGKILL), carries on with a replacement, and ends where the
-    uninterrupted run does."""
+    rollout worker (SIGKILL, as iteration 0's rollouts are handed out), carries on with a
+    replacement, and ends where the uninterrupted run does."""
     killed: list[int] = []
     if kind == "flow_sde":
-        threading.Thread(target=_kill_first_process_running, args=("RolloutWorker.run", killed),
-                         daemon=True).start()
+        import ray
+        from rollout.worker import WorkerPool
+
+        real_map = WorkerPool.map
+
+        def map_losing_worker_0(pool, fn, *args, **kwargs):
+            if not killed:
+                killed.append(ray.get(pool.workers[0].pid.remote()))
+                os.kill(killed[0], signal.SIGKILL)
+            return real_map(pool, fn, *args, **kwargs)
+
+        monkeypatch.setattr(WorkerPool, "map", map_losing_worker_0)
     cfg = _config(init_checkpoint, tmp_path / kind, sampler={"kind": kind},
                   cluster={"use_ray": True, "zero_stage": 2 if kind == "flow_sde" else 0})
     history = train(cfg)["history"]
@@ -173,14 +191,13 @@ def test_ray_deepspeed_training(init_checkpoint, tmp_path, ray_cluster, ray_refe
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
-def test_a_lost_learner_is_rebuilt_from_the_last_checkpoint(init_checkpoint, tmp_path, ray_cluster, ray_reference):
+def test_a_lost_learner_is_rebuilt_from_the_last_checkpoint(init_checkpoint, tmp_path, ray_cluster, ray_reference,
+                                                            monkeypatch):
     """SIGKILL the DeepSpeed learner in the middle of iteration 1's PPO update: the run rebuilds the
     learner group and workers from iteration 0's checkpoint, repeats iteration 1, and ends with the
     uninterrupted run's metrics and weights."""
-    killed: list[int] = []
-    first_checkpoint = tmp_path / "checkpoints" / "iter_000000.deepspeed"
-    threading.Thread(target=_kill_first_process_running, args=("Learner.train_step", killed, first_checkpoint),
-                     daemon=True).start()
+    # 6 samples, minibatch 6, 2 epochs: two optimizer steps per update; die between them.
+    killed = _signal_learner_in_update(monkeypatch, update=1, before_step=1)
     history = train(_ray_config(init_checkpoint, tmp_path))["history"]
     assert killed, "the learner was never seen training"
     assert [h["learner_restarts"] for h in history] == [0, 1]
@@ -190,14 +207,11 @@ def test_a_lost_learner_is_rebuilt_from_the_last_checkpoint(init_checkpoint, tmp
     assert logged == [0, 1]
 
 
-def test_a_hung_learner_times_out_and_is_rebuilt(init_checkpoint, tmp_path, ray_cluster, ray_reference):
+def test_a_hung_learner_times_out_and_is_rebuilt(init_checkpoint, tmp_path, ray_cluster, ray_reference, monkeypatch):
     """SIGSTOP the learner inside iteration 1's PPO update (alive but silent, as a rank stuck in a
     collective or on a hung device): past `cluster.learner_call_timeout_s` the group counts as lost,
     is rebuilt from iteration 0's checkpoint, and the run ends as the uninterrupted one."""
-    stopped: list[int] = []
-    threading.Thread(target=_kill_first_process_running,
-                     args=("Learner.train_step", stopped, tmp_path / "checkpoints" / "iter_000000.deepspeed"),
-                     kwargs={"sig": signal.SIGSTOP}, daemon=True).start()
+    stopped = _signal_learner_in_update(monkeypatch, update=1, before_step=1, sig=signal.SIGSTOP)
     try:
         history = train(_ray_config(init_checkpoint, tmp_path, cluster={"learner_call_timeout_s": 30.0}))["history"]
     finally:
@@ -209,11 +223,9 @@ def test_a_hung_learner_times_out_and_is_rebuilt(init_checkpoint, tmp_path, ray_
     _assert_same_run(history, tmp_path / "checkpoints" / "iter_000001", ray_reference)
 
 
-def test_learner_restarts_are_bounded(init_checkpoint, tmp_path, ray_cluster):
+def test_learner_restarts_are_bounded(init_checkpoint, tmp_path, ray_cluster, monkeypatch):
     """With no rebuild allowed, a lost learner ends the run with an error that says so."""
-    killed: list[int] = []
-    threading.Thread(target=_kill_first_process_running, args=("Learner.train_step", killed),
-                     daemon=True).start()
+    killed = _signal_learner_in_update(monkeypatch, update=0, before_step=0)
     with pytest.raises(RuntimeError, match="learner group was lost 1 times"):
         train(_ray_config(init_checkpoint, tmp_path, run={"iterations": 1}, cluster={"max_learner_restarts": 0}))
     assert killed

@@ -78,6 +78,8 @@ def cmd_train(argv: list[str]) -> int:
 
     data = compose("train", argv)
     data["run"]["init_checkpoint"] = resolve_path(data["run"].get("init_checkpoint"))
+    if data.get("env", {}).get("state_stats"):  # the toy env's in-distribution states
+        data["env"]["state_stats"] = resolve_path(data["env"]["state_stats"])
     result = train(RLConfig.from_dict(data))
     history = result["history"]
     if history:

@@ -39,16 +39,15 @@ METHODS = {
 
 
 def run_method(name: str, iterations: int, extra: list[str], out_root: Path) -> dict:
-    from pirl.cli import compose, resolve_path
-    from pirl.train.rl import RLConfig, train
+    from pirl.cli import compose_train
+    from pirl.train.rl import train
 
     overrides = ["experiment=maniskill_pickcube_tiny", *METHODS[name], f"run.iterations={iterations}",
                  f"run.output_dir={out_root / name}", *extra]
-    data = compose("train", overrides)
     # The experiment's optimiser settings are PPO's; GRPO keeps them but needs whole episodes.
-    data["run"]["init_checkpoint"] = resolve_path(data["run"]["init_checkpoint"])
+    cfg = compose_train(overrides)
     started = time.perf_counter()
-    history = train(RLConfig.from_dict(data))["history"]
+    history = train(cfg)["history"]
     wall = time.perf_counter() - started
     steps = sum(h["env_steps"] for h in history)
     return {"method": name, "overrides": overrides, "history": history, "wall_s": wall, "env_steps": steps,

@@ -18,6 +18,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the command that needs them
+    from pirl.train.rl import RLConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -56,6 +60,18 @@ def resolve_path(path: str | None) -> str | None:
     return str(candidate) if candidate.exists() else path
 
 
+def compose_train(overrides: list[str]) -> RLConfig:
+    """The `pirl train` config for these Hydra overrides, with its file paths (the initial checkpoint,
+    the toy env's state statistics) resolved as `resolve_path` does: what the CLI, tests and bench run."""
+    from pirl.train.rl import RLConfig
+
+    data = compose("train", overrides)
+    data["run"]["init_checkpoint"] = resolve_path(data["run"].get("init_checkpoint"))
+    if data.get("env", {}).get("state_stats"):
+        data["env"]["state_stats"] = resolve_path(data["env"]["state_stats"])
+    return RLConfig.from_dict(data)
+
+
 def cmd_demos(argv: list[str]) -> int:
     from envs.demos import main as demos_main
 
@@ -74,13 +90,9 @@ def cmd_sft(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from pirl.train.rl import RLConfig, train
+    from pirl.train.rl import train
 
-    data = compose("train", argv)
-    data["run"]["init_checkpoint"] = resolve_path(data["run"].get("init_checkpoint"))
-    if data.get("env", {}).get("state_stats"):  # the toy env's in-distribution states
-        data["env"]["state_stats"] = resolve_path(data["env"]["state_stats"])
-    result = train(RLConfig.from_dict(data))
+    result = train(compose_train(argv))
     history = result["history"]
     if history:
         first, last = history[0], history[-1]

@@ -11,6 +11,7 @@ shows up here as a flat or falling curve, in seconds, where PickCube would need 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from envs import make_env
-from pirl.cli import compose, resolve_path
+from pirl.cli import compose_train
 from pirl.train import rl
 from pirl.train.rl import RLConfig, build_agent, processor_for, train
 from pirl.train.rl_core import evaluate
@@ -34,9 +35,7 @@ METHODS = {
 
 
 def _config(out: Path, method: str) -> RLConfig:
-    data = compose("train", ["experiment=toy_sanity", *METHODS[method], f"run.output_dir={out}"])
-    data["run"]["init_checkpoint"] = resolve_path(data["run"]["init_checkpoint"])
-    return RLConfig.from_dict(data)
+    return compose_train(["experiment=toy_sanity", *METHODS[method], f"run.output_dir={out}"])
 
 
 def _initial_ode_eval(cfg: RLConfig) -> dict:
@@ -68,10 +67,7 @@ def test_rl_method_learns_the_toy_task(method, tmp_path):
 
 
 def _cued_config(out: Path, seed: int = 0) -> RLConfig:
-    data = compose("train", ["experiment=toy_cued", f"run.output_dir={out}", f"run.seed={seed}"])
-    data["run"]["init_checkpoint"] = resolve_path(data["run"]["init_checkpoint"])
-    data["env"]["state_stats"] = resolve_path(data["env"]["state_stats"])
-    return RLConfig.from_dict(data)
+    return compose_train(["experiment=toy_cued", f"run.output_dir={out}", f"run.seed={seed}"])
 
 
 def test_ppo_learns_to_read_a_per_chunk_cue_and_mispaired_rewards_teach_nothing(tmp_path, monkeypatch):
@@ -144,8 +140,6 @@ def test_cued_toy_pays_each_step_that_follows_the_cue_it_showed():
     assert seen == {True, False}
     # With a policy's state statistics the states sit at mean + scale * std, the cue at mean +- std.
     stats_file = Path(__file__).resolve().parents[1] / "assets" / "pickcube_tiny_sft" / "norm_stats.json"
-    import json
-
     stats = json.loads(stats_file.read_text())["norm_stats"]["state"]
     mean, std = np.array(stats["mean"]), np.array(stats["std"])
     with make_env({**cfg, "state_scale": 0.0, "cue_scale": 1.0, "state_stats": str(stats_file)}) as env:
@@ -167,15 +161,13 @@ def test_toy_config_errors():
 
 
 def test_progress_bars_on_request_and_hidden_otherwise(tmp_path, monkeypatch, capsys):
-    data = compose("train", ["experiment=toy_sanity", "run.iterations=2", "run.eval_every=2", "run.eval_episodes=8",
-                             "cluster.envs_per_worker=8", f"run.output_dir={tmp_path / 'a'}"])
-    data["run"]["init_checkpoint"] = resolve_path(data["run"]["init_checkpoint"])
+    cfg = compose_train(["experiment=toy_sanity", "run.iterations=2", "run.eval_every=2", "run.eval_episodes=8",
+                         "cluster.envs_per_worker=8", f"run.output_dir={tmp_path / 'a'}"])
     monkeypatch.setenv("PIRL_PROGRESS", "1")
-    train(RLConfig.from_dict(data))
+    train(cfg)
     err = capsys.readouterr().err
     assert "rl: 100%" in err and "2/2" in err and "success" in err  # the iteration bar and its postfix
     assert "eval:" in err  # the evaluation bar (episodes)
     monkeypatch.setenv("PIRL_PROGRESS", "0")
-    data["run"]["output_dir"] = str(tmp_path / "b")
-    train(RLConfig.from_dict(data))
+    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "b"))))
     assert "rl:" not in capsys.readouterr().err

@@ -38,20 +38,21 @@ METHODS = {
 }
 
 
-def run_method(name: str, iterations: int, extra: list[str], out_root: Path) -> dict:
+def run_method(name: str, iterations: int, extra: list[str], out_root: Path, seed: int = 0,
+               experiment: str = "maniskill_pickcube_tiny") -> dict:
     from pirl.cli import compose_train
     from pirl.train.rl import train
 
-    overrides = ["experiment=maniskill_pickcube_tiny", *METHODS[name], f"run.iterations={iterations}",
-                 f"run.output_dir={out_root / name}", *extra]
+    overrides = [f"experiment={experiment}", *METHODS[name], f"run.iterations={iterations}",
+                 f"run.output_dir={out_root / f'{name}_seed{seed}'}", f"run.seed={seed}", *extra]
     # The experiment's optimiser settings are PPO's; GRPO keeps them but needs whole episodes.
     cfg = compose_train(overrides)
     started = time.perf_counter()
     history = train(cfg)["history"]
     wall = time.perf_counter() - started
     steps = sum(h["env_steps"] for h in history)
-    return {"method": name, "overrides": overrides, "history": history, "wall_s": wall, "env_steps": steps,
-            "env_steps_per_s_overall": steps / wall}
+    return {"method": name, "seed": seed, "overrides": overrides, "history": history, "wall_s": wall,
+            "env_steps": steps, "env_steps_per_s_overall": steps / wall}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -72,10 +73,13 @@ def plot(results: list[dict], path: Path) -> None:
                 ey.append(h["eval_success_rate"])
         window = 5  # one iteration is only 16-32 episodes: show a running mean over 5 iterations too
         smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-        line, = ax.plot(xs, ys, alpha=0.25)
-        ax.plot(xs, smooth, color=line.get_color(), label=f"{res['method']} (rollout, mean of {window} iterations)")
+        name = f"{res['method']} seed {res.get('seed', 0)}"
+        line, = ax.plot(xs, ys, alpha=0.2)
+        ax.plot(xs, smooth, color=line.get_color(), alpha=0.6, label=f"{name} (rollout, mean of {window} iterations)")
         if ex:
-            ax.plot(ex, ey, "o--", color=line.get_color(), label=f"{res['method']} (eval, ODE)")
+            lo, hi = zip(*[ci95(h) for h in res["history"] if "eval_success_rate" in h])
+            ax.errorbar(ex, ey, yerr=[[y - a for y, a in zip(ey, lo)], [b - y for y, b in zip(ey, hi)]], fmt="o--",
+                        color=line.get_color(), capsize=2, label=f"{name} (eval, ODE, 95% interval)")
     level = sft_level(results)
     if level is not None:
         ax.axhline(level, color="gray", ls=":", label=f"SFT level (eval, K=4): {level:.2f}")
@@ -108,6 +112,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (each method runs once per seed)")
+    parser.add_argument("--experiment", default="maniskill_pickcube_tiny")
     parser.add_argument("--quick", action="store_true", help="fewer envs and chunks (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "learning"))
     parser.add_argument("--runs", default="runs/bench_learning")
@@ -124,28 +130,59 @@ def main(argv=None) -> None:
             extra += ["cluster.envs_per_worker=4", "run.num_chunks=10", "run.eval_every=0", "optim.minibatch_size=40"]
         out.parent.mkdir(parents=True, exist_ok=True)
         results = []
-        for method in args.methods:  # written after every method: a long bench keeps what it finished
-            results.append(run_method(method, args.iterations, extra, Path(args.runs)))
-            out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
+        for seed in args.seeds:
+            for method in args.methods:  # written after every run: a long bench keeps what it finished
+                results.append(run_method(method, args.iterations, extra, Path(args.runs), seed, args.experiment))
+                out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, out.with_suffix(".png"))
     table = render_table(results)
     out.with_suffix(".md").write_text(table)
     print(table)
 
 
+def ci95(h: dict) -> tuple[float, float]:
+    """95% Wilson interval of one evaluation row (older rows without counts: 64 episodes assumed)."""
+    from pirl.algos.stats import wilson_interval
+
+    n = int(h.get("eval_episodes", 64))
+    return wilson_interval(int(h.get("eval_successes", round(h["eval_success_rate"] * n))), n)
+
+
+def target_check(h: list[dict], target: float = 0.9, budget: int = 500_000) -> str:
+    """The issue's bar: ODE success >= target within `budget` env steps, durable (mean of the last three
+    evaluations inside the budget >= target)."""
+    cumulative, evals = 0, []
+    for x in h:
+        cumulative += x["env_steps"]
+        if "eval_success_rate" in x and cumulative <= budget:
+            evals.append((cumulative, x["eval_success_rate"]))
+    first = next((steps for steps, rate in evals if rate >= target), None)
+    last3 = [rate for _, rate in evals[-3:]]
+    durable = len(last3) == 3 and sum(last3) / 3 >= target
+    reached = f"first at {first // 1000}k" if first is not None else "not reached"
+    return f"{reached}; last three {sum(last3) / max(1, len(last3)):.2f} ({'met' if durable else 'not met'})"
+
+
 def render_table(results: list[dict]) -> str:
-    """One row per method: evaluation success at each evaluation (ODE, fixed unseen seeds), the mean
-    rollout success over the first and last thirds of the run, steps, time and throughput."""
-    rows = ["| method | iterations | env steps | eval success (ODE) at each evaluation | rollout success_once, first third -> last third | wall (min) | env steps/s |",
-            "|---|---|---|---|---|---|---|"]
+    """One row per run: evaluation success (ODE, fixed unseen seeds; successes / episodes and the 95%
+    interval) at each evaluation, the target check, the mean rollout success over the first and last
+    thirds of the run, steps, time and throughput."""
+    rows = ["| method | seed | iterations | env steps | eval success (ODE) [95% interval] @ env steps | >= 0.90 within 500k | rollout success_once, first third -> last third | wall (min) | env steps/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         h = r["history"]
-        evals = " -> ".join(f"{x['eval_success_rate']:.2f} @{x['iteration'] + 1}" for x in h if "eval_success_rate" in x) or "-"
+        cumulative, parts = 0, []
+        for x in h:
+            cumulative += x["env_steps"]
+            if "eval_success_rate" in x:
+                lo, hi = ci95(x)
+                parts.append(f"{x['eval_success_rate']:.2f} [{lo:.2f}, {hi:.2f}] @{cumulative // 1000}k")
+        evals = "; ".join(parts) or "-"
         third = max(1, len(h) // 3)
         first = sum(x["success_once"] for x in h[:third]) / third
         last = sum(x["success_once"] for x in h[-third:]) / third
-        rows.append(f"| {r['method']} | {len(h)} | {r['env_steps']} | {evals} | {first:.2f} -> {last:.2f} | "
-                    f"{r['wall_s'] / 60:.1f} | {r['env_steps_per_s_overall']:.0f} |")
+        rows.append(f"| {r['method']} | {r.get('seed', 0)} | {len(h)} | {r['env_steps']} | {evals} | {target_check(h)} | "
+                    f"{first:.2f} -> {last:.2f} | {r['wall_s'] / 60:.1f} | {r['env_steps_per_s_overall']:.0f} |")
     return "\n".join(rows) + "\n"
 
 

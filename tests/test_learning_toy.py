@@ -171,3 +171,22 @@ def test_progress_bars_on_request_and_hidden_otherwise(tmp_path, monkeypatch, ca
     monkeypatch.setenv("PIRL_PROGRESS", "0")
     train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "b"))))
     assert "rl:" not in capsys.readouterr().err
+
+
+def test_evaluation_plays_exactly_the_first_episode_of_each_fixed_seed(tmp_path):
+    """Seeds seed .. seed + n - 1, once each, and an episode's outcome does not depend on how many envs
+    run beside it (each episode's noise comes from its own seed): 7 episodes on 3 envs and on 5 envs
+    give the same rows. Counting whichever episodes finish first would depend on both."""
+    cfg = _config(tmp_path, "flow_sde_ppo")
+    sft = cfg.run.init_checkpoint
+    agent = build_agent(sft, cfg.sampler, cfg.optim.trainable)
+    processor = processor_for(sft, {})
+    runs = []
+    for num_envs in (3, 5):
+        with make_env({**cfg.env, "num_envs": num_envs, "seed": 0}) as env:
+            runs.append(evaluate(agent, processor, env, 7, cfg.run.n_exec, cfg.sampler.num_steps, 500))
+    assert [r["seed"] for r in runs[0]["per_episode"]] == list(range(500, 507))
+    assert runs[0]["per_episode"] == runs[1]["per_episode"]
+    assert runs[0]["episodes"] == 7 and runs[0]["successes"] == sum(r["success"] for r in runs[0]["per_episode"])
+    low, high = runs[0]["success_ci95"]
+    assert low <= runs[0]["success_rate"] <= high

@@ -4,8 +4,9 @@ Observation contract (DESIGN.md): {"images": {cam: uint8 [B, H, W, 3]}, "state":
 "prompt": list[str]}. Transforms, each small and testable:
 - images: resize with padding to the model's square size (aspect kept, black bars), scale to [-1, 1];
   a camera absent from the observation becomes a black image with its mask False;
-- state / actions: normalised with dataset statistics, z-score (π0) or 1st-99th percentile to [-1, 1]
-  (π0.5), zero-padded to the model's action dim;
+- state / actions: normalised with dataset statistics (`vla.normalize.NormStats`: z-score for π0,
+  1st-99th percentile to [-1, 1] for π0.5, std floors, clipping and dropped dims as recorded in
+  `norm_stats.json`), zero-padded to the model's action dim;
 - prompt: tokenised with a SentencePiece model (a real PaliGemma `tokenizer.model`, or a tiny one built
   for tests); π0.5 puts the state, discretised into 256 bins, inside the prompt.
 """
@@ -13,11 +14,9 @@ Observation contract (DESIGN.md): {"images": {cam: uint8 [B, H, W, 3]}, "state":
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,87 +24,10 @@ import torch.nn.functional as F
 
 from vla.config import ModelConfig
 from vla.inputs import ModelInputs
+from vla.normalize import NormMode, NormStats, load_norm_stats, normalize, save_norm_stats, unnormalize
 
-NormMode = Literal["zscore", "quantile"]
-
-
-@dataclasses.dataclass(frozen=True)
-class NormStats:
-    """Per-dimension statistics of one array (state or actions) over a dataset."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    q01: np.ndarray
-    q99: np.ndarray
-
-    def __post_init__(self) -> None:
-        shapes = {k: np.shape(getattr(self, k)) for k in ("mean", "std", "q01", "q99")}
-        if len(set(shapes.values())) != 1 or len(shapes["mean"]) != 1:
-            raise ValueError(f"NormStats fields must be 1-D and of one length, got {shapes}")
-
-    @property
-    def dim(self) -> int:
-        return len(self.mean)
-
-    @classmethod
-    def from_data(cls, data: np.ndarray) -> "NormStats":
-        data = np.asarray(data, dtype=np.float64).reshape(-1, np.shape(data)[-1])
-        return cls(
-            mean=data.mean(0),
-            std=data.std(0),
-            q01=np.quantile(data, 0.01, axis=0),
-            q99=np.quantile(data, 0.99, axis=0),
-        )
-
-    def to_json(self) -> dict[str, list[float]]:
-        return {k: np.asarray(getattr(self, k), dtype=np.float64).tolist() for k in ("mean", "std", "q01", "q99")}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Sequence[float]]) -> "NormStats":
-        missing = {"mean", "std"} - set(data)
-        if missing:
-            raise KeyError(f"norm stats entry lacks {sorted(missing)}")
-        mean = np.asarray(data["mean"], dtype=np.float64)
-        # Stats written without quantiles (some z-score-only files) fall back to mean -/+ 2.33 std.
-        std = np.asarray(data["std"], dtype=np.float64)
-        q01 = np.asarray(data.get("q01", mean - 2.326 * std), dtype=np.float64)
-        q99 = np.asarray(data.get("q99", mean + 2.326 * std), dtype=np.float64)
-        return cls(mean=mean, std=std, q01=q01, q99=q99)
-
-
-def save_norm_stats(stats: Mapping[str, NormStats], path: str | os.PathLike) -> None:
-    """openpi's layout: {"norm_stats": {"state": {...}, "actions": {...}}}."""
-    payload = {"norm_stats": {k: v.to_json() for k, v in stats.items()}}
-    Path(path).write_text(json.dumps(payload, indent=2))
-
-
-def load_norm_stats(path: str | os.PathLike) -> dict[str, NormStats]:
-    data = json.loads(Path(path).read_text())
-    data = data.get("norm_stats", data)
-    return {k: NormStats.from_json(v) for k, v in data.items()}
-
-
-def normalize(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.ndarray:
-    """z-score: (x - mean) / (std + 1e-6); quantile: affine map of [q01, q99] onto [-1, 1], clipped."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.shape[-1] != stats.dim:
-        raise ValueError(f"normalize: last dim {x.shape[-1]} does not match the stats' {stats.dim}")
-    if mode == "zscore":
-        return (x - stats.mean) / (stats.std + 1e-6)
-    if mode == "quantile":
-        return np.clip(2.0 * (x - stats.q01) / (stats.q99 - stats.q01 + 1e-6) - 1.0, -1.0, 1.0)
-    raise ValueError(f"unknown normalisation mode {mode!r}")
-
-
-def unnormalize(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.ndarray:
-    """Inverse of `normalize` (exact inside [q01, q99] for the quantile mode)."""
-    x = np.asarray(x, dtype=np.float64)[..., : stats.dim]
-    if mode == "zscore":
-        return x * (stats.std + 1e-6) + stats.mean
-    if mode == "quantile":
-        return (x + 1.0) / 2.0 * (stats.q99 - stats.q01 + 1e-6) + stats.q01
-    raise ValueError(f"unknown normalisation mode {mode!r}")
-
+__all__ = ["NormStats", "load_norm_stats", "save_norm_stats", "normalize", "unnormalize", "Processor",
+           "PromptTokenizer", "resize_with_pad", "discretize_state", "build_test_tokenizer", "pad_last"]
 
 def pad_last(x: np.ndarray, dim: int) -> np.ndarray:
     if x.shape[-1] > dim:
@@ -215,6 +137,11 @@ class Processor:
     def dim_mask(self) -> torch.Tensor:
         """bool [D]: the real action dims inside the padded chunk."""
         return torch.arange(self.config.action_dim) < self.action_dims
+
+    def action_scale(self) -> np.ndarray:
+        """Raw action units per normalised unit, per real action dim (METHODS.md §2)."""
+        stats = self.norm_stats["actions"]
+        return stats.scale(stats.mode or self.norm_mode)
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
         return normalize(state, self.norm_stats["state"], self.norm_mode).astype(np.float32)

@@ -1,9 +1,10 @@
 """PPO value heads on the policy's own features (METHODS.md §4).
 
-π0 reads the action expert: its action tokens' final hidden states, mean-pooled, from the expert pass
-at the chain's first denoising step (x_0 = the stored initial noise, t = 1). π0.5 reads the VLM prefix,
-mean-pooled over valid tokens. Both inputs are recomputed identically at training from the stored
-chain, so the value at rollout and at training is the same function (RLinf computes them differently).
+π0 reads the action expert: its action tokens' final hidden states, mean-pooled, from one expert pass
+on a fixed input (x = 0, the noise distribution's mean, at t = 1), so V depends on the observation
+only: reading the chain's random initial noise made V(s) change with the draw. π0.5 reads the VLM
+prefix, mean-pooled over valid tokens. Both are recomputed identically at training, so the value at
+rollout and at training is the same function (RLinf computes them differently).
 """
 
 from __future__ import annotations
@@ -39,18 +40,20 @@ class ValueHead(nn.Module):
             return cls(cfg.vlm.width, hidden, source="prefix")
         return cls(cfg.expert.width, hidden, source="expert")
 
-    def features(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor) -> Tensor:
+    def features(self, policy: FlowPolicy, prefix: Prefix) -> Tensor:
         if self.source == "prefix":
             return prefix.pooled()
-        ones = torch.ones(initial_noise.shape[0], device=initial_noise.device)
-        return policy.expert_forward(prefix, initial_noise, ones).pooled()
+        cfg, param = policy.config, next(policy.parameters())
+        x = torch.zeros(prefix.batch_size, cfg.action_horizon, cfg.action_dim, device=param.device)
+        ones = torch.ones(prefix.batch_size, device=param.device)
+        return policy.expert_forward(prefix, x, ones).pooled()
 
     def forward(self, features: Tensor) -> Tensor:
         return self.mlp(features.float()).squeeze(-1)
 
-    def value(self, policy: FlowPolicy, prefix: Prefix, initial_noise: Tensor, detach_features: bool = False) -> Tensor:
-        """V(obs) [B]; `initial_noise` is the chain's x_0 (used by the π0 expert-feature source).
-        `detach_features`: the value loss trains this head only, not the policy features it reads."""
+    def value(self, policy: FlowPolicy, prefix: Prefix, detach_features: bool = False) -> Tensor:
+        """V(obs) [B]. `detach_features`: the value loss trains this head only, not the policy
+        features it reads."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_features):
-            features = self.features(policy, prefix, initial_noise)
+            features = self.features(policy, prefix)
         return self(features)

@@ -37,7 +37,8 @@ class NoiseHead(nn.Module):
         context_dim: E, width of an optional pooled observation embedding [N, E]; 0 for none.
         time_features: "sinusoidal" (time_dim sin/cos features), "scalar" (t itself) or "none".
         mlp_widths: hidden layer widths (tanh after each); πRL uses (128, 64, 32).
-        std_min, std_max: output bounds; πRL uses (0.08, 0.16).
+        std_min, std_max: output bounds; πRL uses (0.08, 0.16). Floats, or one value per action dim
+            (e.g. bounds set in the env's raw units and converted per dim, METHODS.md §2).
         init_scale: scale of the last layer's initial weights; 0 starts every std at
             sqrt(std_min * std_max), the log-space midpoint.
     """
@@ -51,12 +52,16 @@ class NoiseHead(nn.Module):
         time_features: str = "sinusoidal",
         time_dim: int = 16,
         mlp_widths: Sequence[int] = (128, 64, 32),
-        std_min: float = 0.08,
-        std_max: float = 0.16,
+        std_min: float | Sequence[float] = 0.08,
+        std_max: float | Sequence[float] = 0.16,
         init_scale: float = 0.01,
     ) -> None:
         super().__init__()
-        if not 0 < std_min < std_max:
+        lo, hi = torch.as_tensor(std_min, dtype=torch.float32), torch.as_tensor(std_max, dtype=torch.float32)
+        if lo.ndim > 1 or hi.ndim > 1 or (lo.ndim == 1 and lo.shape[0] != action_dim) or \
+                (hi.ndim == 1 and hi.shape[0] != action_dim):
+            raise ValueError(f"std bounds must be floats or one value per action dim ({action_dim})")
+        if not bool(((0 < lo) & (lo < hi)).all()):
             raise ValueError(f"need 0 < std_min < std_max, got {std_min}, {std_max}")
         if time_features not in ("sinusoidal", "scalar", "none"):
             raise ValueError(f"time_features must be sinusoidal, scalar or none, got {time_features!r}")
@@ -65,8 +70,9 @@ class NoiseHead(nn.Module):
         self.context_dim = context_dim
         self.time_features = time_features
         self.time_dim = {"sinusoidal": time_dim, "scalar": 1, "none": 0}[time_features]
-        self.std_min = float(std_min)
-        self.std_max = float(std_max)
+        # Not saved with the weights: the bounds come from the sampler config (and norm stats).
+        self.register_buffer("std_min", lo, persistent=False)
+        self.register_buffer("std_max", hi, persistent=False)
         in_dim = hidden_dim + self.time_dim + context_dim
         if in_dim == 0:
             raise ValueError("the noise head needs at least one input (hidden, time or context)")

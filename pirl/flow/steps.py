@@ -46,11 +46,13 @@ def noise_estimate(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor) ->
     return x + (1.0 - per_row(t, x)) * v
 
 
-def sde_sigma(t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float) -> float | torch.Tensor:
+def sde_sigma(t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float | torch.Tensor
+              ) -> float | torch.Tensor:
     """Flow-GRPO noise schedule sigma_t = a_noise * sqrt(t / (1 - t)) with the t = 1 cap (METHODS.md §2).
 
     At t = 1 the schedule diverges; the denominator 1 - t is replaced by 1 - t_{k+1} = dt there, so the
-    first step's noise variance sigma_0^2 * d_0 equals a_noise^2.
+    first step's noise variance sigma_0^2 * d_0 equals a_noise^2. `a_noise` may be a tensor [D] (one
+    level per action dim), which broadcasts against per-row times [N, 1, 1].
     """
     if isinstance(t, torch.Tensor) or isinstance(dt, torch.Tensor):
         t = torch.as_tensor(t)
@@ -71,7 +73,8 @@ class StepDistribution(NamedTuple):
 
 
 def sde_step(
-    x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float
+    x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor,
+    a_noise: float | torch.Tensor,
 ) -> StepDistribution:
     """Flow-SDE transition with the ODE's marginals (METHODS.md §2, Flow-GRPO form).
 
@@ -92,12 +95,30 @@ def sde_step(
     return StepDistribution(mean, torch.as_tensor(std, dtype=x.dtype, device=x.device).expand_as(x))
 
 
-def squash_log_std(raw: torch.Tensor, std_min: float, std_max: float) -> torch.Tensor:
-    """Noise-head output -> log std in [log s_min, log s_max] (METHODS.md §3).
+def sde_step_with_std(
+    x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor, step_std: torch.Tensor
+) -> StepDistribution:
+    """Flow-SDE transition whose std is `step_std` [D] per action dim, whatever the step (METHODS.md §2,
+    "Exploration in the env's units"): the per-dim noise level a_i = step_std_i / (sigma_k(1) sqrt(d_k))
+    put into `sde_step`, so the drift correction that keeps the ODE's marginals comes with it.
+    """
+    t_row, dt_row = per_row(t, x), per_row(dt, x)
+    unit = sde_sigma(t_row, dt_row, 1.0)
+    unit = unit * (torch.sqrt(dt_row) if isinstance(dt_row, torch.Tensor) else math.sqrt(dt_row))
+    return sde_step(x, v, t, dt, step_std.to(dtype=x.dtype, device=x.device) / unit)
+
+
+def squash_log_std(raw: torch.Tensor, std_min: float | torch.Tensor, std_max: float | torch.Tensor) -> torch.Tensor:
+    """Noise-head output -> log std in [log s_min, log s_max] (METHODS.md §3); the bounds may be
+    tensors [D] (one per action dim, e.g. set in the env's raw units).
 
         log_std = log s_min + (log s_max - log s_min) * (tanh(raw) + 1) / 2
     """
-    log_min, log_max = math.log(std_min), math.log(std_max)
+    if isinstance(std_min, torch.Tensor) or isinstance(std_max, torch.Tensor):
+        log_min = torch.log(torch.as_tensor(std_min, dtype=raw.dtype, device=raw.device))
+        log_max = torch.log(torch.as_tensor(std_max, dtype=raw.dtype, device=raw.device))
+    else:
+        log_min, log_max = math.log(std_min), math.log(std_max)
     return log_min + (log_max - log_min) * (torch.tanh(raw) + 1.0) * 0.5
 
 
@@ -146,22 +167,29 @@ class ODERule:
         return StepDistribution(euler_step(x, v, dt), None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SDERule:
-    """Flow-SDE steps with noise level a_noise (METHODS.md §2); a_noise = 0 is the ODE."""
+    """Flow-SDE steps (METHODS.md §2): noise level a_noise (a_noise = 0 is the ODE), or, when
+    `step_std` [D] is given, every stochastic step has exactly that std per action dim (normalised
+    units; `vla.normalize.raw_to_normalized_std` converts a std set in the env's raw units)."""
 
     a_noise: float = 0.5
+    step_std: torch.Tensor | None = None
     needs_hidden = False
 
     def __post_init__(self) -> None:
         if self.a_noise < 0:
             raise ValueError(f"a_noise must be >= 0, got {self.a_noise}")
+        if self.step_std is not None and (self.step_std.ndim != 1 or bool((self.step_std <= 0).any())):
+            raise ValueError("step_std must be a 1-D tensor of positive stds, one per action dim")
 
     @property
     def stochastic(self) -> bool:
-        return self.a_noise > 0
+        return self.step_std is not None or self.a_noise > 0
 
     def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+        if self.step_std is not None:
+            return sde_step_with_std(x, v, t, dt, self.step_std)
         return sde_step(x, v, t, dt, self.a_noise)
 
 

@@ -50,13 +50,22 @@ def trainable_parameters(policy: FlowPolicy, which: str) -> list[torch.nn.Parame
     return [p for p in policy.parameters() if p.requires_grad]
 
 
-def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | None, out_dir: Path):
-    """Processor with norm stats computed from the dataset's raw state/actions; returns the tokenizer
-    file too, so checkpoints can carry it."""
-    stats = {
-        "state": NormStats.from_data(dataset.reader.state),
-        "actions": NormStats.from_data(dataset.reader.actions),
-    }
+def dataset_norm_stats(config: ModelConfig, dataset, state_floor_frac: float = 0.0, state_drop_frac: float = 0.0,
+                       state_clip: float | None = None) -> dict[str, NormStats]:
+    """Norm stats of a dataset's raw state / actions, in the model's default mode, the state made robust
+    (std floor, dropped near-constant dims, clip: `NormStats.robust`). Actions keep their exact scale."""
+    mode = "quantile" if config.variant == "pi05" else "zscore"
+    state = NormStats.from_data(dataset.reader.state, mode=mode)
+    if state_floor_frac or state_drop_frac or state_clip is not None:
+        state = state.robust(floor_frac=state_floor_frac, drop_frac=state_drop_frac, clip=state_clip)
+    return {"state": state, "actions": NormStats.from_data(dataset.reader.actions, mode=mode)}
+
+
+def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | None, out_dir: Path,
+                                stats: dict[str, NormStats] | None = None):
+    """Processor with norm stats computed from the dataset's raw state/actions (or the given `stats`);
+    returns the tokenizer file too, so checkpoints can carry it."""
+    stats = stats or dataset_norm_stats(config, dataset)
     if tokenizer is None:
         if config.vocab_size > 10_000:
             raise ValueError("a full-size model needs tokenizer= (the PaliGemma tokenizer.model)")

@@ -51,6 +51,7 @@ from pirl.train.rl_core import (
     collect_rollout,
     compute_advantages,
     evaluate,
+    exploration_std_raw,
     grpo_episode_advantages,
     ppo_update,
 )
@@ -173,8 +174,8 @@ def build_agent(checkpoint: str, sampler: SamplerConfig, trainable: str, weights
     """Policy from `checkpoint`, heads fresh or (if `weights` is a trainer checkpoint) restored."""
     source = weights or checkpoint
     meta = read_metadata(source)
-    policy, _ = load_policy(source)
-    agent = Agent.build(policy, sampler)
+    policy, stats = load_policy(source)
+    agent = Agent.build(policy, sampler, (stats or {}).get("actions"))
     stored = set(meta.get("pirl_extra_modules", []))
     extras = {k: getattr(agent, k) for k in EXTRA_MODULES if getattr(agent, k) is not None and k in stored}
     if extras:
@@ -362,6 +363,10 @@ def train(cfg: RLConfig) -> dict:
                     "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
                     **{k: v for k, v in metrics.items()},
                 }
+                # how far exploration moves the robot per step, in the env's units
+                explore = exploration_std_raw(batch.chain, batch.mask_dims, processor.action_scale())
+                record["explore_std_raw"] = float(np.mean(explore))
+                record["explore_std_raw_per_dim"] = [round(x, 6) for x in explore]
                 if cluster.use_ray:
                     record["worker_restarts"] = worker_restarts_before + sum(pool.restarts)
                     record["learner_restarts"] = learner_restarts
@@ -374,6 +379,9 @@ def train(cfg: RLConfig) -> dict:
                     else:
                         result = evaluate_on_worker(worker, cfg, run.eval_episodes)
                     record["eval_success_rate"] = result["success_rate"]
+                    record["eval_success_ci95"] = result["success_ci95"]
+                    record["eval_episodes"] = result["episodes"]
+                    record["eval_successes"] = result["successes"]
                     record["eval_return"] = result["mean_return"]
                 history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
                 logger.log(record)

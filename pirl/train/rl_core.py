@@ -22,7 +22,7 @@ from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
 from pirl.algos.gae import gae
 from pirl.algos.grpo import grpo_advantages, grpo_filter
 from pirl.algos.ppo import approx_kl_early_stop, ppo_policy_loss, value_loss
-from pirl.algos.stats import explained_variance
+from pirl.algos.stats import explained_variance, wilson_interval
 from pirl.critic.value import ValueHead
 from pirl.flow.chain import Chain
 from pirl.flow.grid import DenoiseGrid
@@ -34,6 +34,7 @@ from pirl.flow.steps import LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
 from pirl.train.logger import progress_bar
 from vla.policy import FlowPolicy
+from vla.normalize import NormStats, raw_to_normalized_std
 from vla.processor import Processor
 
 
@@ -46,7 +47,13 @@ class SamplerConfig:
     num_steps: int = 4
     """K denoising steps during RL (πRL: 4 for π0, 3-5 for π0.5); evaluation uses the same K."""
     a_noise: float = 0.5
-    """Flow-SDE noise level (RLinf 0.5; 0.3 for some π0.5 LIBERO suites)."""
+    """Flow-SDE noise level (RLinf 0.5; 0.3 for some π0.5 LIBERO suites), in normalised action units:
+    how far that moves the robot depends on each dim's demo std (METHODS.md §2)."""
+    explore_std: tuple[float, ...] = ()
+    """Flow-SDE in the env's units: the std of every stochastic step in the env's raw action units,
+    one value for all dims or one per action dim (pd_ee_delta_pose: 1.0 = 0.1 m or 0.1 rad per step,
+    so 0.1 explores with ~1 cm per step). Converted per dim through the policy's norm stats; replaces
+    a_noise's schedule. Empty = a_noise (πRL)."""
     mask: Literal["hybrid", "window", "all"] = "hybrid"
     """Which denoising steps are stochastic: one per sample (πRL's hybrid), a window, or all."""
     mask_low: int = 0
@@ -58,7 +65,9 @@ class SamplerConfig:
     window: int = 1
     noise_std_min: float = 0.08
     noise_std_max: float = 0.16
-    """Flow-Noise std bounds (πRL: 0.08-0.16)."""
+    """Flow-Noise std bounds (πRL: 0.08-0.16, normalised units)."""
+    noise_bounds_units: Literal["normalized", "raw"] = "normalized"
+    """Units of noise_std_min / max: normalised (πRL), or the env's raw action units (converted per dim)."""
     log_prob_granularity: Literal["chunk", "action", "element"] = "chunk"
     """One PPO ratio per chunk, per action step, or per element (advantage broadcast; METHODS.md §4).
     A chunk ratio multiplies the ratios of all its n_exec x D elements, so the clip stops the update
@@ -76,6 +85,13 @@ class SamplerConfig:
             raise ValueError(f"sampler.kind must be flow_sde or flow_noise, got {self.kind!r}")
         if self.num_steps < 1:
             raise ValueError("sampler.num_steps must be >= 1")
+        if any(not s > 0 for s in self.explore_std):
+            raise ValueError(f"sampler.explore_std must be positive, got {list(self.explore_std)}")
+        if self.explore_std and self.kind != "flow_sde":
+            raise ValueError("sampler.explore_std is a Flow-SDE setting; Flow-Noise uses noise_std_min / max "
+                             "with noise_bounds_units=raw")
+        if self.noise_bounds_units not in ("normalized", "raw"):
+            raise ValueError(f"sampler.noise_bounds_units must be normalized or raw, got {self.noise_bounds_units!r}")
         if self.mask in ("hybrid", "window"):
             width = self.window if self.mask == "window" else 1
             try:
@@ -109,29 +125,52 @@ class OptimConfig:
     """"expert" (πRL: VLM frozen; expert, projections, heads) or "all"."""
 
 
-class Agent(nn.Module):
-    """Everything a learner trains and a rollout worker runs: policy, value head, noise head."""
+def raw_std_to_policy_units(raw_std, action_stats: NormStats | None, action_dim: int) -> Tensor:
+    """A std in the env's raw action units (one value or one per real dim) -> normalised units per padded
+    dim [D] (METHODS.md §2). Padded dims, which nothing executes, get the smallest real dim's value."""
+    if action_stats is None:
+        raise ValueError("a std in raw action units needs the policy's action norm stats")
+    raw = raw_std[0] if len(raw_std) == 1 else list(raw_std)
+    std = raw_to_normalized_std(raw, action_stats)
+    out = torch.full((action_dim,), float(std.min()))
+    out[: len(std)] = torch.as_tensor(std, dtype=torch.float32)
+    return out
 
-    def __init__(self, policy: FlowPolicy, value_head: ValueHead, noise_head: NoiseHead | None = None):
+
+class Agent(nn.Module):
+    """Everything a learner trains and a rollout worker runs: policy, value head, noise head.
+
+    `explore_std` [D]: Flow-SDE's per-dim step std in normalised units when the sampler sets it in raw
+    units (`sampler.explore_std`), else None (a_noise's schedule).
+    """
+
+    def __init__(self, policy: FlowPolicy, value_head: ValueHead, noise_head: NoiseHead | None = None,
+                 explore_std: Tensor | None = None):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.noise_head = noise_head
+        self.explore_std = explore_std
 
     @classmethod
-    def build(cls, policy: FlowPolicy, sampler: SamplerConfig) -> "Agent":
+    def build(cls, policy: FlowPolicy, sampler: SamplerConfig, action_stats: NormStats | None = None) -> "Agent":
+        cfg = policy.config
         noise_head = None
         if sampler.kind == "flow_noise":
-            cfg = policy.config
-            noise_head = NoiseHead(cfg.action_dim, hidden_dim=cfg.expert.width,
-                                   std_min=sampler.noise_std_min, std_max=sampler.noise_std_max)
-        return cls(policy, ValueHead.for_policy(policy), noise_head)
+            bounds = (sampler.noise_std_min, sampler.noise_std_max)
+            if sampler.noise_bounds_units == "raw":
+                bounds = tuple(raw_std_to_policy_units((b,), action_stats, cfg.action_dim) for b in bounds)
+            noise_head = NoiseHead(cfg.action_dim, hidden_dim=cfg.expert.width, std_min=bounds[0], std_max=bounds[1])
+        explore_std = None
+        if sampler.explore_std:
+            explore_std = raw_std_to_policy_units(sampler.explore_std, action_stats, cfg.action_dim)
+        return cls(policy, ValueHead.for_policy(policy), noise_head, explore_std)
 
     def rule(self, sampler: SamplerConfig):
         if sampler.kind == "flow_noise":
             assert self.noise_head is not None
             return LearnedNoiseRule(self.noise_head)
-        return SDERule(sampler.a_noise)
+        return SDERule(sampler.a_noise, step_std=self.explore_std)
 
 
 def mask_exec(horizon: int, n_exec: int) -> Tensor:
@@ -150,18 +189,15 @@ def act(agent: Agent, processor: Processor, obs: dict, sampler: SamplerConfig, g
         step_mask="none" if deterministic else sampler.mask, mask_low=sampler.mask_low,
         mask_high=sampler.mask_high, window=sampler.window, generator=generator,
     )
-    value = agent.value_head.value(agent.policy, prefix, chain.initial_noise)
+    value = agent.value_head.value(agent.policy, prefix)
     return inputs, chain, value, processor.unnormalize_actions(chain.actions)
 
 
 @torch.no_grad()
-def state_value(agent: Agent, processor: Processor, obs: dict, generator: torch.Generator) -> Tensor:
-    """V(obs) for bootstrapping: prefix and value head only, with a fresh initial noise as at rollout."""
+def state_value(agent: Agent, processor: Processor, obs: dict) -> Tensor:
+    """V(obs) for bootstrapping: prefix and value head only."""
     inputs = processor(obs).to(next(agent.parameters()).device)
-    prefix = agent.policy.embed_prefix(inputs)
-    cfg = agent.policy.config
-    noise = torch.randn(inputs.batch_size, cfg.action_horizon, cfg.action_dim, generator=generator)
-    return agent.value_head.value(agent.policy, prefix, noise.to(inputs.state.device))
+    return agent.value_head.value(agent.policy, agent.policy.embed_prefix(inputs))
 
 
 def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num_chunks: int, n_exec: int,
@@ -186,7 +222,7 @@ def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num
             final = info["final_obs"]
             sub = {"images": {k: np.asarray(v)[cut] for k, v in final["images"].items()},
                    "state": np.asarray(final["state"])[cut], "prompt": [final["prompt"][i] for i in cut]}
-            tv[torch.from_numpy(cut)] = state_value(agent, processor, sub, generator).cpu()
+            tv[torch.from_numpy(cut)] = state_value(agent, processor, sub).cpu()
         inputs_t.append(inputs.to("cpu"))
         chains.append(chain.to("cpu"))
         rewards.append(torch.as_tensor(np.asarray(reward), dtype=torch.float32))
@@ -200,7 +236,7 @@ def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num
             ep_returns.append(float(info["episode_return"][i]))
             ep_lengths.append(int(info["episode_length"][i]))
             ep_success.append(bool(info["success_once"][i]))
-    last_value = state_value(agent, processor, obs, generator).float().cpu()
+    last_value = state_value(agent, processor, obs).float().cpu()
     batch = TrajectoryBatch(
         inputs=stack_inputs(inputs_t), chain=Chain.cat(chains),
         rewards=torch.stack(rewards), terminated=torch.stack(terms), truncated=torch.stack(truncs),
@@ -210,6 +246,14 @@ def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num
         mask_exec=mask_exec(cfg.action_horizon, n_exec), mask_dims=processor.dim_mask(),
     )
     return batch, obs
+
+
+def exploration_std_raw(chain: Chain, mask_dims: Tensor, action_scale: np.ndarray) -> list[float]:
+    """Mean std of the stochastic steps per real action dim, in the env's raw units (METHODS.md §2)."""
+    if chain.stds.numel() == 0:
+        return [0.0] * len(action_scale)
+    per_dim = chain.stds[..., mask_dims].reshape(-1, int(mask_dims.sum())).float().mean(0)
+    return (per_dim.numpy() * action_scale).tolist()
 
 
 def compute_advantages(batch: TrajectoryBatch, gae_cfg: GAEConfig) -> tuple[Tensor, Tensor]:
@@ -322,7 +366,7 @@ def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: Opti
     metrics = {**metrics, "policy_loss": pi_loss.detach(),
                "log_ratio_max_abs": (lp.log_prob.detach() - mb.old_log_probs).abs().max()}
     if use_value:
-        v = agent.value_head.value(policy, prefix, mb.chain.initial_noise, detach_features=value_cfg.detach_features)
+        v = agent.value_head.value(policy, prefix, detach_features=value_cfg.detach_features)
         v_loss, v_metrics = value_loss(v, mb.old_values, mb.returns, mb.valid, loss_type=value_cfg.loss_type,
                                        huber_delta=value_cfg.huber_delta, clip_eps=value_cfg.clip_eps)
         loss = loss + optim.value_coef * v_loss
@@ -412,31 +456,45 @@ class LocalLearner:
 @torch.no_grad()
 def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec: int, num_steps: int,
              seed: int, max_chunks: int = 10_000) -> dict[str, Any]:
-    """Deterministic (ODE) evaluation on fixed seeds: each env runs until `episodes` have finished."""
+    """Deterministic (ODE) evaluation of exactly the first episode of each seed in
+    [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
+    s + i once. Counting whichever episodes finish first instead would favour quick successes. Each
+    episode's initial noises come from a generator seeded by its own seed, so an episode's outcome
+    does not depend on how many envs run beside it. Returns the success rate with its 95% Wilson interval and one row per episode (with its seed).
+    """
     agent.eval()
-    obs = env.reset(seed)
-    generator = torch.Generator().manual_seed(seed)
-    done_eps: list[dict] = []
     device = next(agent.parameters()).device
+    cfg = agent.policy.config
+    per_episode: dict[int, dict] = {}
     bar = progress_bar(episodes, "eval", unit="episode", leave=False)
-    for _ in range(max_chunks):
-        if len(done_eps) >= episodes:
-            break
-        inputs = processor(obs).to(device)
-        noise = torch.randn(inputs.batch_size, agent.policy.config.action_horizon, agent.policy.config.action_dim,
-                            generator=generator).to(device)
-        chunk = agent.policy.sample_actions(inputs, noise=noise, num_steps=num_steps)
-        obs, reward, terminated, truncated, info = env.step_chunk(processor.unnormalize_actions(chunk)[:, :n_exec], n_exec)
-        for i in np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)):
-            done_eps.append({"success": bool(info["success_once"][i]), "return": float(info["episode_return"][i]),
-                             "length": int(info["episode_length"][i])})
-        bar.update(min(len(done_eps), episodes) - bar.n)
+    for start in range(seed, seed + episodes, env.num_envs):
+        obs = env.reset(start)
+        generators = [torch.Generator().manual_seed(start + i) for i in range(env.num_envs)]
+        pending = set(range(min(env.num_envs, seed + episodes - start)))
+        for _ in range(max_chunks):
+            if not pending:
+                break
+            inputs = processor(obs).to(device)
+            noise = torch.stack([torch.randn(cfg.action_horizon, cfg.action_dim, generator=g) for g in generators])
+            noise = noise.to(device)
+            chunk = agent.policy.sample_actions(inputs, noise=noise, num_steps=num_steps)
+            obs, _, terminated, truncated, info = env.step_chunk(processor.unnormalize_actions(chunk)[:, :n_exec], n_exec)
+            for i in sorted(pending & set(np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)).tolist())):
+                per_episode[start + i] = {"seed": start + i, "success": bool(info["success_once"][i]),
+                                          "return": float(info["episode_return"][i]),
+                                          "length": int(info["episode_length"][i])}
+                pending.discard(i)
+                bar.update(1)
     bar.close()
-    done_eps = done_eps[:episodes]
+    rows = [per_episode[s] for s in sorted(per_episode)]
+    wins = sum(r["success"] for r in rows)
+    low, high = wilson_interval(wins, len(rows))
     return {
-        "episodes": len(done_eps),
-        "success_rate": float(np.mean([e["success"] for e in done_eps])) if done_eps else 0.0,
-        "mean_return": float(np.mean([e["return"] for e in done_eps])) if done_eps else 0.0,
-        "mean_length": float(np.mean([e["length"] for e in done_eps])) if done_eps else 0.0,
-        "per_episode": done_eps,
+        "episodes": len(rows),
+        "successes": wins,
+        "success_rate": wins / len(rows) if rows else 0.0,
+        "success_ci95": [low, high],
+        "mean_return": float(np.mean([r["return"] for r in rows])) if rows else 0.0,
+        "mean_length": float(np.mean([r["length"] for r in rows])) if rows else 0.0,
+        "per_episode": rows,
     }

@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl.train.common import build_model_config, make_processor_from_dataset, set_seed, trainable_parameters
+from pirl.train.common import (
+    build_model_config,
+    dataset_norm_stats,
+    make_processor_from_dataset,
+    set_seed,
+    trainable_parameters,
+)
 from pirl.train.logger import logging_redirect_tqdm, progress_bar
 from vla.checkpoint import import_checkpoint, save_policy
 from vla.policy import FlowPolicy
@@ -55,6 +61,18 @@ class SFTConfig:
     every step, and write it (not the raw weights) to every checkpoint; None = no average. openpi
     trains π0 with d = 0.99. Closed-loop success of a behaviour-cloned policy moves a lot from one
     checkpoint to the next (bench/results/sft_recipe.md); the average damps that."""
+    state_floor_frac: float = 0.25
+    """Each state dim's std is floored at this fraction of the median std over dims (METHODS.md §2):
+    a dim near-constant in the demos (a cube's tilt, std 0.001) cannot then map a small real deviation
+    to tens of stds. Recorded in the checkpoint's norm_stats.json. 0 = no floor."""
+    state_drop_frac: float = 0.05
+    """State dims whose std is below this fraction of the median std are fed as 0 (nothing in the demos
+    to learn from them). 0 = keep every dim."""
+    state_clip: float | None = 3.0
+    """Normalised state values are clipped to [-clip, clip]; None = no clip."""
+    state_noise: float = 0.0
+    """Std of Gaussian noise added to the normalised state during training (augmentation, in
+    normalised units; dropped dims stay 0). Makes the policy less sensitive to off-demo states."""
     seed: int = 0
     log_every: int = 100
     save_every: int = 1000
@@ -118,7 +136,16 @@ def train_sft(cfg: SFTConfig) -> Path:
     roots = cfg.dataset if isinstance(cfg.dataset, str) else [str(root) for root in cfg.dataset]
     dataset = SFTChunkDataset(roots, model_cfg.action_horizon, norm_mode="none",
                               cameras=list(cfg.cameras.values()))
-    processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out)
+    stats = dataset_norm_stats(model_cfg, dataset, cfg.state_floor_frac, cfg.state_drop_frac, cfg.state_clip)
+    processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out, stats)
+    if stats["state"].drop:
+        log.info("sft: state dims %s are near-constant in the data and fed as 0", list(stats["state"].drop))
+    if cfg.state_noise < 0:
+        raise ValueError(f"sft: state_noise must be >= 0, got {cfg.state_noise}")
+    state_noise_mask = torch.zeros(model_cfg.state_width)
+    state_noise_mask[: stats["state"].dim] = 1.0
+    state_noise_mask[list(stats["state"].drop)] = 0.0
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 7 + accelerator.process_index)
     if cfg.init_checkpoint:
         policy, _, report = import_checkpoint(cfg.init_checkpoint, model_cfg)
         if report.unused_keys:
@@ -149,7 +176,11 @@ def train_sft(cfg: SFTConfig) -> Path:
         batch = dataset.sample_batch(cfg.batch_size, rng)
         obs = {"images": {m: batch["images"][d] for m, d in cfg.cameras.items()},
                "state": batch["state"], "prompt": batch["prompt"]}
-        inputs = processor(obs).to(accelerator.device)
+        inputs = processor(obs)
+        if cfg.state_noise > 0:
+            inputs.state = inputs.state + cfg.state_noise * state_noise_mask * torch.randn(
+                inputs.state.shape, generator=noise_gen)
+        inputs = inputs.to(accelerator.device)
         actions = torch.from_numpy(processor.normalize_actions(batch["actions"])).to(accelerator.device)
         step_mask = torch.from_numpy(batch["action_valid"]).to(accelerator.device)
         for group in optimizer.param_groups:

@@ -1,0 +1,146 @@
+"""Normalisation that cannot explode, one NormStats, exploration set in the env's raw units (METHODS.md §2)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pirl.flow.steps import SDERule, sde_sigma, sde_step
+from vla.normalize import NormStats, load_norm_stats, normalize, raw_to_normalized_std, save_norm_stats, unnormalize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_like_state(n=2000, seed=0):
+    """Three informative dims (std ~0.1) and one that is constant up to 1e-4 (a cube's tilt in demos)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 0.1, size=(n, 4))
+    x[:, 3] = 0.0005 + 1e-4 * rng.normal(size=n)
+    return x
+
+
+@pytest.mark.parametrize("mode", ["zscore", "quantile"])
+def test_a_dim_constant_in_the_data_cannot_leave_the_clip(mode):
+    data = demo_like_state()
+    off_demo = np.array([[0.0, 0.0, 0.0, 0.03]])  # a 3-degree tilt: 300 data stds away
+    plain = NormStats.from_data(data, mode=mode)
+    robust = plain.robust(floor_frac=0.25, clip=3.0)
+    # negative control: without the floor the z-score of the tilt is in the hundreds
+    if mode == "zscore":
+        assert abs(normalize(off_demo, plain)[0, 3]) > 100
+    z = normalize(off_demo * np.array([1, 1, 1, 1e3]), robust)  # even absurd raw values stay inside the clip
+    assert np.all(np.abs(z) <= 3.0 + 1e-12)
+    # the floor alone keeps the small tilt moderate: 0.03 / (0.25 * ~0.1) ~ 1.2 (z-score)
+    assert abs(normalize(off_demo, robust)[0, 3]) < 3.0
+    # informative dims are untouched by the floor (their std is the median)
+    inside = data[:5] * 0.1  # well inside q01..q99, where the quantile clip of the plain stats does not act
+    np.testing.assert_allclose(normalize(inside, robust)[:, :3], normalize(inside, plain)[:, :3], atol=1e-12)
+
+
+def test_near_constant_dims_are_dropped_and_fed_as_zero():
+    data = demo_like_state()
+    stats = NormStats.from_data(data, mode="zscore").robust(floor_frac=0.25, drop_frac=0.05, clip=3.0)
+    assert stats.drop == (3,)
+    z = normalize(np.array([[0.1, -0.1, 0.2, 5.0]]), stats)
+    assert z[0, 3] == 0.0 and z[0, 0] != 0.0
+
+
+def test_stats_round_trip_through_json(tmp_path):
+    stats = {"state": NormStats.from_data(demo_like_state(), mode="zscore").robust(floor_frac=0.25, drop_frac=0.05, clip=3.0),
+             "actions": NormStats.from_data(np.random.default_rng(1).normal(size=(100, 7)), mode="zscore")}
+    save_norm_stats(stats, tmp_path / "norm_stats.json")
+    loaded = load_norm_stats(tmp_path / "norm_stats.json")
+    x = demo_like_state(7, seed=3) * 5
+    for key in stats:
+        assert loaded[key].to_json() == stats[key].to_json()
+    np.testing.assert_array_equal(normalize(x, loaded["state"]), normalize(x, stats["state"]))
+    assert loaded["state"].drop == (3,) and loaded["state"].clip == 3.0 and loaded["state"].mode == "zscore"
+
+
+@pytest.mark.parametrize("checkpoint", ["pickcube_tiny_sft", "pickcube_tiny_sft_18k_step6k"])
+def test_an_old_norm_stats_file_loads_and_normalises_as_before(checkpoint):
+    path = ROOT / "assets" / checkpoint / "norm_stats.json"
+    raw = json.loads(path.read_text())["norm_stats"]
+    stats = load_norm_stats(path)
+    rng = np.random.default_rng(0)
+    for key in ("state", "actions"):
+        mean, std = np.asarray(raw[key]["mean"]), np.asarray(raw[key]["std"])
+        q01, q99 = np.asarray(raw[key]["q01"]), np.asarray(raw[key]["q99"])
+        x = mean + std * rng.normal(size=(16, len(mean))) * 3
+        # the formulas these files were written for: z-score without clip, quantile clipped to [-1, 1]
+        np.testing.assert_allclose(normalize(x, stats[key], "zscore"), (x - mean) / (std + 1e-6), rtol=1e-12)
+        expect_q = np.clip(2.0 * (x - q01) / (q99 - q01 + 1e-6) - 1.0, -1, 1)
+        np.testing.assert_allclose(normalize(x, stats[key], "quantile"), expect_q, rtol=1e-9, atol=1e-12)
+        z = rng.normal(size=(4, len(mean)))
+        np.testing.assert_allclose(unnormalize(z, stats[key], "zscore"), z * (std + 1e-6) + mean, rtol=1e-12)
+
+
+def test_lerobot_action_key_and_entries_without_quantiles_load(tmp_path):
+    (tmp_path / "stats.json").write_text(json.dumps({"state": {"mean": [0.0, 1.0], "std": [1.0, 2.0]},
+                                                     "action": {"mean": [0.5], "std": [0.25]}}))
+    stats = load_norm_stats(tmp_path / "stats.json")
+    assert set(stats) == {"state", "actions"}
+    np.testing.assert_allclose(stats["state"].q99, [2.326, 1.0 + 2 * 2.326])
+
+
+def test_raw_std_converts_by_each_dims_scale():
+    stats = NormStats(mean=np.zeros(3), std=np.array([0.05, 0.1, 0.5]), q01=-np.ones(3), q99=np.ones(3))
+    np.testing.assert_allclose(raw_to_normalized_std(0.01, stats, "zscore"), 0.01 / (np.array([0.05, 0.1, 0.5]) + 1e-6))
+    np.testing.assert_allclose(raw_to_normalized_std([0.1, 0.2, 0.3], stats, "quantile"), np.array([0.1, 0.2, 0.3]) / (1 + 5e-7))
+    with pytest.raises(ValueError, match="one per action dim"):
+        raw_to_normalized_std([0.1, 0.2], stats, "zscore")
+
+
+@pytest.mark.parametrize("k,num_steps", [(0, 4), (2, 4), (3, 4), (9, 10)])
+def test_sde_step_with_a_set_std_has_that_std_and_is_flow_sde(k, num_steps):
+    """Every step's std is the configured one; with the std a_noise's schedule would give, it is the
+    same transition as Flow-SDE at that a_noise (so the marginal-preserving drift comes with it)."""
+    torch.manual_seed(0)
+    t, dt = 1.0 - k / num_steps, 1.0 / num_steps
+    x, v = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    step_std = torch.tensor([0.02, 0.05, 0.1, 0.3])
+    out = SDERule(step_std=step_std).step(x, v, t, dt)
+    torch.testing.assert_close(out.std, step_std.expand(5, 3, 4))
+    a_noise = 0.7
+    same = float(sde_sigma(t, dt, a_noise)) * math.sqrt(dt)
+    ref = sde_step(x, v, t, dt, a_noise)
+    got = SDERule(step_std=torch.full((4,), same)).step(x, v, t, dt)
+    torch.testing.assert_close(got.mean, ref.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.std, ref.std, rtol=1e-6, atol=1e-7)
+    # per-row times (a hybrid mask gathers rows at different steps)
+    rows_t = torch.full((5,), t)
+    torch.testing.assert_close(SDERule(step_std=step_std).step(x, v, rows_t, torch.full((5,), dt)).std,
+                               step_std.expand(5, 3, 4))
+
+
+def test_agent_explores_with_the_configured_raw_std_in_env_units(tmp_path):
+    """Closed form: last-step noise of raw std r moves the executed, un-normalised action by exactly r
+    per dim (the sample's std is r / scale in normalised units, and un-normalising multiplies by scale)."""
+    from pirl.train.rl_core import Agent, SamplerConfig, act
+    from vla.config import get_config
+    from vla.policy import FlowPolicy
+    from vla.processor import Processor, build_test_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    policy = FlowPolicy(cfg).eval()
+    d = 5
+    actions = NormStats(mean=np.linspace(-0.1, 0.1, d), std=np.array([0.06, 0.07, 0.13, 0.012, 0.26]),
+                        q01=-np.ones(d), q99=np.ones(d), mode="zscore")
+    state = NormStats(mean=np.zeros(3), std=np.ones(3), q01=-np.ones(3), q99=np.ones(3))
+    processor = Processor(cfg, build_test_tokenizer(tmp_path / "tok"), {"state": state, "actions": actions})
+    raw = (0.01, 0.02, 0.03, 0.005, 0.1)
+    sampler = SamplerConfig(num_steps=4, explore_std=raw, mask="hybrid", mask_low=-1)
+    agent = Agent.build(policy, sampler, actions)
+    n = 512
+    obs = {"images": {}, "state": np.zeros((n, 3), np.float32), "prompt": ["pick up the red cube"] * n}
+    _, chain, _, env_actions = act(agent, processor, obs, sampler, torch.Generator().manual_seed(1))
+    assert chain.stds.shape[0] == n  # one stochastic (last) step per sample
+    scale = torch.tensor(actions.std + 1e-6, dtype=torch.float32)
+    torch.testing.assert_close(chain.stds[:, :, :d] * scale, torch.tensor(raw).expand(n, cfg.action_horizon, d),
+                               rtol=1e-5, atol=1e-7)
+    moved = env_actions - processor.unnormalize_actions(chain.means)  # the executed action minus its mean
+    np.testing.assert_allclose(moved.reshape(-1, d).std(0), raw, rtol=0.08)  # Monte Carlo, 512 x H draws

@@ -130,12 +130,15 @@ def cmd_eval(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     task = env_section.get("task") or env_section.get("suite")
     summary = {"checkpoint": str(checkpoint), "task": task, "episodes": result["episodes"],
-               "success_rate": result["success_rate"], "mean_return": result["mean_return"],
+               "successes": result["successes"], "success_rate": result["success_rate"],
+               "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
                "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": data["num_steps"]}
     (out_dir / "results.json").write_text(json.dumps({**summary, "per_episode": result["per_episode"]}, indent=2))
-    table = ("| task | episodes | success | mean return | mean length |\n|---|---|---|---|---|\n"
-             f"| {task} | {result['episodes']} | {result['success_rate']:.3f} | {result['mean_return']:.3f} | "
-             f"{result['mean_length']:.1f} |\n")
+    low, high = result["success_ci95"]
+    table = ("| task | seeds | K | success | 95% interval | mean return | mean length |\n|---|---|---|---|---|---|---|\n"
+             f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {data['num_steps']} | "
+             f"{result['successes']}/{result['episodes']} = {result['success_rate']:.3f} | [{low:.2f}, {high:.2f}] | "
+             f"{result['mean_return']:.3f} | {result['mean_length']:.1f} |\n")
     (out_dir / "results.md").write_text(table)
     print(table)
     print(f"pirl eval: wrote {out_dir / 'results.json'}")

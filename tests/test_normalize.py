@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pirl.flow.steps import SDERule, sde_sigma, sde_step
+from pirl.flow.steps import FixedNoiseRule, sde_sigma, sde_step
 from vla.normalize import NormStats, load_norm_stats, normalize, raw_to_normalized_std, save_norm_stats, unnormalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,25 +95,23 @@ def test_raw_std_converts_by_each_dims_scale():
 
 
 @pytest.mark.parametrize("k,num_steps", [(0, 4), (2, 4), (3, 4), (9, 10)])
-def test_sde_step_with_a_set_std_has_that_std_and_is_flow_sde(k, num_steps):
-    """Every step's std is the configured one; with the std a_noise's schedule would give, it is the
-    same transition as Flow-SDE at that a_noise (so the marginal-preserving drift comes with it)."""
+def test_fixed_noise_step_is_the_euler_step_plus_the_set_std(k, num_steps):
+    """Every stochastic step's std is the configured one, centred on the Euler step; Flow-SDE's drift
+    correction at that std would move the mean by std^2 / (2 t) times the noise estimate instead."""
     torch.manual_seed(0)
     t, dt = 1.0 - k / num_steps, 1.0 / num_steps
     x, v = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
-    step_std = torch.tensor([0.02, 0.05, 0.1, 0.3])
-    out = SDERule(step_std=step_std).step(x, v, t, dt)
+    step_std = torch.tensor([0.02, 0.05, 0.1, 1.0])
+    out = FixedNoiseRule(step_std).step(x, v, t, dt)
     torch.testing.assert_close(out.std, step_std.expand(5, 3, 4))
-    a_noise = 0.7
-    same = float(sde_sigma(t, dt, a_noise)) * math.sqrt(dt)
-    ref = sde_step(x, v, t, dt, a_noise)
-    got = SDERule(step_std=torch.full((4,), same)).step(x, v, t, dt)
-    torch.testing.assert_close(got.mean, ref.mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got.std, ref.std, rtol=1e-6, atol=1e-7)
-    # per-row times (a hybrid mask gathers rows at different steps)
-    rows_t = torch.full((5,), t)
-    torch.testing.assert_close(SDERule(step_std=step_std).step(x, v, rows_t, torch.full((5,), dt)).std,
-                               step_std.expand(5, 3, 4))
+    torch.testing.assert_close(out.mean, x - dt * v)
+    rows = FixedNoiseRule(step_std).step(x, v, torch.full((5,), t), torch.full((5,), dt))  # per-row times
+    torch.testing.assert_close(rows.mean, out.mean)
+    torch.testing.assert_close(rows.std, out.std)
+    # what the drift-corrected step would do with the same std (a_noise giving std 1 at this step)
+    a_noise = 1.0 / (float(sde_sigma(t, dt, 1.0)) * math.sqrt(dt))
+    shift = (sde_step(x, v, t, dt, a_noise).mean - (x - dt * v)).abs().mean()
+    assert shift > 0.3 * 1.0 / (2 * t)  # ~ std^2 / (2 t) * |e_hat|: a displacement as big as the noise or more
 
 
 def test_agent_explores_with_the_configured_raw_std_in_env_units(tmp_path):
@@ -144,3 +142,29 @@ def test_agent_explores_with_the_configured_raw_std_in_env_units(tmp_path):
                                rtol=1e-5, atol=1e-7)
     moved = env_actions - processor.unnormalize_actions(chain.means)  # the executed action minus its mean
     np.testing.assert_allclose(moved.reshape(-1, d).std(0), raw, rtol=0.08)  # Monte Carlo, 512 x H draws
+
+
+def test_flow_noise_bounds_in_raw_units_bound_every_step_in_env_units(tmp_path):
+    from pirl.train.rl_core import Agent, SamplerConfig, act
+    from vla.config import get_config
+    from vla.policy import FlowPolicy
+    from vla.processor import Processor, build_test_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    d = 4
+    actions = NormStats(mean=np.zeros(d), std=np.array([0.05, 0.1, 0.2, 0.4]), q01=-np.ones(d), q99=np.ones(d))
+    state = NormStats(mean=np.zeros(3), std=np.ones(3), q01=-np.ones(3), q99=np.ones(3))
+    processor = Processor(cfg, build_test_tokenizer(tmp_path / "tok"), {"state": state, "actions": actions})
+    sampler = SamplerConfig(kind="flow_noise", num_steps=4, mask="all", noise_std_min=0.005, noise_std_max=0.02,
+                            noise_bounds_units="raw")
+    agent = Agent.build(FlowPolicy(cfg).eval(), sampler, actions)
+    torch.nn.init.normal_(agent.noise_head.out.weight, std=3.0)  # spread the stds over the whole range
+    obs = {"images": {}, "state": np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32),
+           "prompt": ["pick up the red cube"] * 64}
+    _, chain, _, _ = act(agent, processor, obs, sampler, torch.Generator().manual_seed(0))
+    raw = chain.stds[..., :d] * torch.tensor(actions.std + 1e-6, dtype=torch.float32)
+    assert raw.min() >= 0.005 * (1 - 1e-5) and raw.max() <= 0.02 * (1 + 1e-5)
+    assert raw.min() < 0.006 and raw.max() > 0.018
+    with pytest.raises(ValueError, match="Flow-SDE setting"):
+        SamplerConfig(kind="flow_noise", explore_std=(0.01,))

@@ -33,6 +33,7 @@ from .noise_head import NoiseHead, sinusoidal_time_features
 from .policy import chain_log_prob, sample_chain
 from .sampler import evaluate_velocity, sample
 from .steps import (
+    FixedNoiseRule,
     LearnedNoiseRule,
     ODERule,
     SDERule,
@@ -51,7 +52,7 @@ from .steps import (
 )
 
 __all__ = [
-    "Chain", "ChainLogProb", "DenoiseGrid", "LearnedNoiseRule", "LogProbReduction", "NoiseHead", "ODERule",
+    "Chain", "ChainLogProb", "DenoiseGrid", "FixedNoiseRule", "LearnedNoiseRule", "LogProbReduction", "NoiseHead", "ODERule",
     "SDERule", "StepDistribution", "StepDistributions", "StepRule", "all_steps_mask", "chain_log_prob",
     "clean_estimate", "element_mask", "euler_step", "evaluate_velocity", "gaussian_entropy",
     "gaussian_log_prob", "hybrid_mask", "index_mask", "learned_noise_step", "log_prob", "make_step_mask",

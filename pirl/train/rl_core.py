@@ -30,7 +30,7 @@ from pirl.flow.likelihood import LogProbReduction, element_mask, reduce_chain_lo
 from pirl.flow.masks import step_index_range
 from pirl.flow.noise_head import NoiseHead
 from pirl.flow.policy import chain_log_prob, sample_chain
-from pirl.flow.steps import LearnedNoiseRule, SDERule
+from pirl.flow.steps import FixedNoiseRule, LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
 from pirl.train.logger import progress_bar
 from vla.policy import FlowPolicy
@@ -50,10 +50,12 @@ class SamplerConfig:
     """Flow-SDE noise level (RLinf 0.5; 0.3 for some π0.5 LIBERO suites), in normalised action units:
     how far that moves the robot depends on each dim's demo std (METHODS.md §2)."""
     explore_std: tuple[float, ...] = ()
-    """Flow-SDE in the env's units: the std of every stochastic step in the env's raw action units,
-    one value for all dims or one per action dim (pd_ee_delta_pose: 1.0 = 0.1 m or 0.1 rad per step,
-    so 0.1 explores with ~1 cm per step). Converted per dim through the policy's norm stats; replaces
-    a_noise's schedule. Empty = a_noise (πRL)."""
+    """Exploration in the env's units: every stochastic step is the Euler step plus Gaussian noise of
+    this std in the env's raw action units, one value for all dims or one per action dim
+    (pd_ee_delta_pose: 1.0 = 0.1 m or 0.1 rad per step, so 0.05 is 5 mm per step). Converted per dim
+    through the policy's norm stats; replaces a_noise's schedule (and its drift correction, see
+    `pirl.flow.steps.FixedNoiseRule`). With `mask_low=-1` the executed action is the ODE action plus
+    exactly this noise. Empty = a_noise (πRL)."""
     mask: Literal["hybrid", "window", "all"] = "hybrid"
     """Which denoising steps are stochastic: one per sample (πRL's hybrid), a window, or all."""
     mask_low: int = 0
@@ -140,8 +142,8 @@ def raw_std_to_policy_units(raw_std, action_stats: NormStats | None, action_dim:
 class Agent(nn.Module):
     """Everything a learner trains and a rollout worker runs: policy, value head, noise head.
 
-    `explore_std` [D]: Flow-SDE's per-dim step std in normalised units when the sampler sets it in raw
-    units (`sampler.explore_std`), else None (a_noise's schedule).
+    `explore_std` [D]: the per-dim step std in normalised units when the sampler sets it in raw units
+    (`sampler.explore_std`, a `FixedNoiseRule`), else None (a_noise's schedule).
     """
 
     def __init__(self, policy: FlowPolicy, value_head: ValueHead, noise_head: NoiseHead | None = None,
@@ -170,7 +172,9 @@ class Agent(nn.Module):
         if sampler.kind == "flow_noise":
             assert self.noise_head is not None
             return LearnedNoiseRule(self.noise_head)
-        return SDERule(sampler.a_noise, step_std=self.explore_std)
+        if self.explore_std is not None:
+            return FixedNoiseRule(self.explore_std)
+        return SDERule(sampler.a_noise)
 
 
 def mask_exec(horizon: int, n_exec: int) -> Tensor:

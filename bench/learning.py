@@ -33,7 +33,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 METHODS = {
     "flow_sde": ["sampler=flow_sde", "algo=ppo"],
-    "flow_noise": ["sampler=flow_noise", "algo=ppo"],
+    # the learned noise bounded in the env's units around the Flow-SDE setting's scale (the experiment's
+    # explore_std is a Flow-SDE key: cleared here)
+    "flow_noise": ["sampler=flow_noise", "algo=ppo", "sampler.explore_std=[]", "sampler.noise_bounds_units=raw",
+                   "sampler.noise_std_min=0.005", "sampler.noise_std_max=0.03", "sampler.mask=hybrid",
+                   "sampler.mask_low=-1"],
     "grpo": ["sampler=flow_sde", "algo=grpo", "grpo.group_size=8"],
 }
 

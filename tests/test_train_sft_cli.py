@@ -13,7 +13,7 @@ from pirl.cli import REPO, compose, main
 from pirl.train.common import load_bundle
 from pirl.train.sft import SFTConfig, train_sft
 
-SHIPPED = REPO / "assets" / "pickcube_tiny_sft"
+SHIPPED = REPO / "assets" / "pickcube_tiny_sft_v2"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,31 @@ def test_sft_fits_a_dataset_and_writes_a_self_contained_policy(dataset, tmp_path
     assert trained < 0.5 * untrained, (float(trained), float(untrained))
 
 
+def test_sft_records_robust_state_normalisation_and_trains_with_state_noise(tmp_path):
+    """A state dim constant in the demos is dropped, every std is floored and the state clipped; all of
+    it is written into norm_stats.json, so RL and evaluation see what SFT saw."""
+    from vla.normalize import load_norm_stats
+
+    rng = np.random.default_rng(1)
+    episodes = []
+    for i in range(6):
+        state = np.concatenate([rng.normal(size=(12, 3)), np.full((12, 1), 0.25)], 1).astype(np.float32)
+        episodes.append(Episode(prompt="lift the peg", state=state, actions=np.tanh(state[:, :2]), images={}))
+    write_lerobot_dataset(str(tmp_path / "data"), episodes, fps=10)
+    cfg = SFTConfig(dataset=str(tmp_path / "data"), model=_model_section(state_dim=4), output_dir=str(tmp_path / "sft"),
+                    steps=20, batch_size=16, warmup_steps=2, log_every=10, save_every=100, state_noise=0.1)
+    final = train_sft(cfg)
+    stats = load_norm_stats(final / "norm_stats.json")["state"]
+    assert stats.drop == (3,) and stats.clip == 3.0 and stats.mode == "zscore"
+    np.testing.assert_allclose(stats.std_floor, 0.25 * np.median(stats.std), rtol=1e-5)
+    _, processor = load_bundle(final)
+    far = processor.normalize_state(np.array([[50.0, -50.0, 0.0, 9.0]], np.float32))
+    np.testing.assert_allclose(far[0], [3.0, -3.0, far[0, 2], 0.0])
+    with pytest.raises(ValueError, match="state_noise"):
+        train_sft(SFTConfig(dataset=str(tmp_path / "data"), model=_model_section(state_dim=4),
+                            output_dir=str(tmp_path / "bad"), steps=1, state_noise=-1.0))
+
+
 def test_sft_rejects_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="dataset= is required"):
         train_sft(SFTConfig(output_dir=str(tmp_path)))
@@ -119,7 +144,8 @@ def test_cli_eval_of_the_shipped_policy(tmp_path, capsys):
     assert code == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0
-    assert "| PickCube-v1 | 2 |" in (tmp_path / "results.md").read_text()
+    assert result["per_episode"][0]["seed"] == 10000 and len(result["success_ci95"]) == 2
+    assert "| PickCube-v1 | 10000..10001 | 4 |" in (tmp_path / "results.md").read_text()
 
 
 def test_cli_usage_and_errors(capsys):

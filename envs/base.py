@@ -103,6 +103,10 @@ class VLAEnv:
         self._success_once = np.zeros(self.num_envs, dtype=bool)
         self._success = np.zeros(self.num_envs, dtype=bool)
         self.crash_log: list[int] = []  # env indices whose worker was restarted, in order
+        # Envs whose process died during a call that did not include them (a worker hosting several
+        # envs crashed while resetting a neighbour): their episode is lost; the next step_chunk
+        # reports them as crashed and truncated without stepping them.
+        self._lost = np.zeros(self.num_envs, dtype=bool)
 
     # ---- seeding ---------------------------------------------------------------------------
     def episode_seed(self, index: int) -> int:
@@ -132,6 +136,7 @@ class VLAEnv:
         # A full reset rebuilds each scene (hard) so that an episode does not depend on what the
         # env simulated before (PhysX keeps contact caches across cheap resets).
         results = self._reset_indices(indices, hard=True)
+        self._lost[:] = False
         self._obs = [results[i][0] for i in indices]
         self._ep_return[:] = 0
         self._ep_length[:] = 0
@@ -145,15 +150,24 @@ class VLAEnv:
         seeds = [self.episode_seed(i) for i in indices]
         hard = hard or bool(getattr(self.config, "hard_reset", False))
         results, crashed = self.backend.reset_envs(indices, seeds, hard)
+        wanted = set(indices)
         for _ in range(3):  # a worker that crashed during reset is rebuilt; try it again
+            crashed = self._note_crashed(crashed, wanted)
             if not crashed:
                 break
-            self.crash_log.extend(crashed)
             more, crashed = self.backend.reset_envs(crashed, [self.episode_seed(i) for i in crashed], hard)
             results.update(more)
         if crashed:
             raise EnvWorkerError(crashed[0], "worker crashed repeatedly during reset")
         return results
+
+    def _note_crashed(self, crashed: Sequence[int], wanted: set[int]) -> list[int]:
+        """Log crashed envs; those outside the call (`wanted`) are marked lost. Returns the rest."""
+        self.crash_log.extend(crashed)
+        for i in crashed:
+            if i not in wanted:
+                self._lost[i] = True
+        return [i for i in crashed if i in wanted]
 
     def validate_actions(self, actions: Any, n_exec: int | None) -> tuple[np.ndarray, int]:
         arr = _to_numpy(actions)
@@ -196,9 +210,12 @@ class VLAEnv:
         exec_mask = np.zeros((num, n_exec), dtype=bool)
         active = np.ones(num, dtype=bool)
 
-        def crash(i: int, k: int) -> None:
+        def crash(i: int, k: int, logged: bool = False) -> None:
             # The episode is lost with the process: end it as truncated, keep the last obs.
-            self.crash_log.append(i)
+            if not logged:
+                self.crash_log.append(i)
+            if not active[i]:
+                return  # its episode already ended in this chunk; the rebuilt env is reset after it
             crashed_mask[i] = True
             truncated[i] = True
             active[i] = False
@@ -219,9 +236,13 @@ class VLAEnv:
                 terminated[i], truncated[i] = bool(term), bool(trunc) and not term
                 active[i] = False
 
+        for i in np.flatnonzero(self._lost):
+            crash(int(i), 0, logged=True)  # lost while a neighbour in its process was reset
+        self._lost[:] = False
         if hasattr(self.backend, "step_envs_chunk"):
-            # Process pools: the whole sub-chunk in one message per env.
-            results, crashed = self.backend.step_envs_chunk(list(range(num)), executed)
+            # Process pools: the whole sub-chunk in one message per process.
+            indices = np.flatnonzero(active).tolist()
+            results, crashed = self.backend.step_envs_chunk(indices, executed[indices])
             for i in crashed:
                 crash(i, 0)
             for i, steps in results.items():
@@ -308,14 +329,16 @@ class PoolBackend:
         return first
 
     def reset_envs(self, indices, seeds, hard=False):
+        """Reset envs with seeds; `crashed` may name envs outside `indices` (see step_envs_chunk)."""
         return self.pool.call_many("reset", list(indices), [(int(s), bool(hard)) for s in seeds])
 
     def step_envs(self, indices, actions):
         return self.pool.call_many("step", list(indices), list(actions))
 
     def step_envs_chunk(self, indices, actions):
-        """actions [len(indices), n, d]: each env runs its n actions in its own process, stopping at
-        its episode end; returns ({index: [step results]}, crashed)."""
+        """actions [len(indices), n, d]: each env runs its n actions inside its worker process,
+        stopping at its episode end; returns ({index: [step results]}, crashed). `crashed` may name
+        envs outside `indices` that shared a process that died."""
         return self.pool.call_many("step_chunk", list(indices), list(actions))
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -123,12 +125,28 @@ class CommonEnvConfig(_Config):
     # env un-normalises them ("mean_std": a*std+mean, "quantile": q01..q99 <- [-1, 1]).
     action_norm_stats: str | None = None
     action_norm_mode: str = "none"
-    # A worker process that does not answer within this many seconds counts as crashed.
+    # A worker process that does not answer within this many seconds per env of the call counts as
+    # crashed (a process hosting k envs gets k times as long: it serves them one after the other).
     worker_timeout_s: float = 300.0
+    # Process-pool simulators (ManiSkill CPU, LIBERO): envs hosted by one worker process, stepped one
+    # after the other for a whole chunk per message. None = ceil(num_envs / CPU cores), one process
+    # per core: on 2 cores a PickCube step of 16 envs costs ~3.3 ms of CPU in 2 processes, ~4.5 ms
+    # in 16 (bench/results/rl_throughput.md). 1 = one process per env (LIBERO's default, see there).
+    envs_per_process: int | None = None
+
+    def process_layout(self) -> int:
+        """Envs per worker process: the configured number, or one process per CPU core (None)."""
+        if self.envs_per_process is not None:
+            return min(self.envs_per_process, self.num_envs)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, math.ceil(self.num_envs / max(1, cores)))
 
     def validate(self) -> None:
         if self.num_envs < 1:
             raise ConfigError("num_envs must be >= 1")
+        if self.envs_per_process is not None and self.envs_per_process < 1:
+            raise ConfigError(f"envs_per_process must be >= 1 (or None: one process per core), "
+                              f"got {self.envs_per_process}")
         if any(s < 8 for s in self.image_size):
             raise ConfigError(f"image_size {self.image_size} too small (>= 8 px)")
         bad = [i for i in self.record_video_envs if not 0 <= i < self.num_envs]
@@ -147,7 +165,8 @@ class ManiSkillConfig(CommonEnvConfig):
     # when set, `task` is ignored. The tasks must give observations of one shape (obs_mode "rgb" with
     # shared state_keys does; "state" vectors differ between most tasks).
     tasks: tuple[str, ...] = ()
-    # "cpu": one process per env (SAPIEN CPU sim); "gpu": one process, num_envs batched on CUDA.
+    # "cpu": SAPIEN CPU sim, one scene per env in worker processes (envs_per_process); "gpu": one
+    # process, num_envs batched on CUDA.
     backend: str = "cpu"
     # "state": privileged flat state vector, no images; "rgb": cameras + proprio state.
     obs_mode: str = "state"
@@ -157,7 +176,8 @@ class ManiSkillConfig(CommonEnvConfig):
     max_episode_steps: int | None = None
     terminate_on_success: bool = True
     # Rebuild the scene on auto-resets too (reset() always does): bit-exact seeded episodes
-    # whatever ran before, at ~0.5 s per reset instead of ~0.01 s (CPU backend).
+    # whatever ran before, at ~20 ms of CPU per reset in a worker (~0.2 s before the worker setup of
+    # envs.maniskill.prepare_worker_process; rgb ~0.25 s) instead of ~3 ms (CPU backend).
     hard_reset: bool = False
     cameras: tuple[str, ...] = ("base_camera",)
     # Proprio state in "rgb" mode: keys of ManiSkill's obs dict, "group/key". Ignored in "state".
@@ -219,6 +239,9 @@ class LiberoConfig(CommonEnvConfig):
     flip_images: bool = True
     # State: eef pos (3) + eef axis-angle (3) + gripper qpos (2) = 8, openpi's LIBERO state.
     terminate_on_success: bool = True
+    # One env per process by default: robosuite renders into whichever GL context was made current
+    # last, so envs with cameras cannot share a process. State-only envs (cameras: []) may.
+    envs_per_process: int | None = 1
 
     def validate(self) -> None:
         super().validate()
@@ -233,6 +256,9 @@ class LiberoConfig(CommonEnvConfig):
         allowed = {"agentview_image", "robot0_eye_in_hand_image"}
         if set(self.cameras) - allowed:
             raise ConfigError(f"cameras {self.cameras}: a subset of {sorted(allowed)} (empty: no rendering)")
+        if self.cameras and self.process_layout() > 1:
+            raise ConfigError("LIBERO envs with cameras need one process each (envs_per_process: 1): robosuite "
+                              "renders into whichever GL context was made current last")
 
     @property
     def episode_limit(self) -> int:

@@ -1,4 +1,4 @@
-"""LIBERO adapter (robosuite 1.4 on MuJoCo), one process per env, openpi's evaluation conventions.
+"""LIBERO adapter (robosuite 1.4 on MuJoCo) in worker processes, openpi's evaluation conventions.
 
 - Suites libero_spatial / object / goal / 10 / 90; env i runs task `task_ids[i % len(task_ids)]`.
 - An episode starts from one of the task's shipped init states: number (episode seed) % 50, or the
@@ -66,7 +66,7 @@ def suite_tasks(suite: str) -> list[tuple[str, str]]:
 
 
 class LiberoSingleEnv:
-    """One LIBERO task in one process; unbatched numpy in and out."""
+    """One LIBERO task in a worker process; unbatched numpy in and out."""
 
     def __init__(self, cfg: LiberoConfig, task_id: int):
         set_render_backend(cfg.render_backend)
@@ -173,7 +173,7 @@ def env_task_ids(cfg: LiberoConfig, num_tasks: int | None = None) -> list[int]:
 
 
 def make_libero_env(cfg: LiberoConfig | dict) -> VLAEnv:
-    """Build the batched LIBERO env (one process per env)."""
+    """Build the batched LIBERO env (worker processes of `envs_per_process` envs)."""
     if isinstance(cfg, dict):
         cfg = LiberoConfig.from_dict(cfg)
     check_libero_config()  # fail fast here, not in every worker
@@ -181,4 +181,5 @@ def make_libero_env(cfg: LiberoConfig | dict) -> VLAEnv:
     if not cfg.task_ids:
         num_tasks = len(suite_tasks(cfg.suite))
     factories = [_LiberoFactory(cfg, t) for t in env_task_ids(cfg, num_tasks)]
-    return VLAEnv(PoolBackend(SubprocEnvPool(factories, timeout_s=cfg.worker_timeout_s)), cfg)
+    pool = SubprocEnvPool(factories, timeout_s=cfg.worker_timeout_s, envs_per_process=cfg.process_layout())
+    return VLAEnv(PoolBackend(pool), cfg)

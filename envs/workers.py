@@ -1,19 +1,29 @@
-"""One process per env, with restart of crashed processes.
+"""Worker processes that each host one or several envs, with restart of crashed processes.
 
 Why not gymnasium's AsyncVectorEnv: the chunk contract needs to step only the envs that are not
 done yet (nothing may be executed in an env after its episode ended inside a chunk), to reset single
 envs with chosen seeds, and to survive a dead worker process; AsyncVectorEnv steps all envs at once,
 auto-resets on its own schedule and cannot replace a dead worker. This pool is a small pipe protocol
 over `multiprocessing` (spawn context: SAPIEN/Vulkan and MuJoCo/EGL state must not be forked).
+
+Why several envs per process (`envs_per_process`): one process per env put 16 SAPIEN processes on 2
+cores; every chunk then woke 16 processes, each with its own torch/SAPIEN working set, and a step
+cost several times what it costs in a lone process (bench/results/rl_throughput.md). A worker
+process steps its envs one after the other, each for its whole sub-chunk, and answers the parent
+once per command: one pipe round trip per process and chunk. Envs never share state: each has its
+own scene and seeds, so the grouping does not change what an env returns.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import logging
 import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -29,14 +39,14 @@ class EnvWorkerError(RuntimeError):
 
 
 class WorkerCrashed(RuntimeError):
-    """Internal: the process of one env died or stopped answering."""
+    """Internal: a worker process died or stopped answering."""
 
 
-def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
+def _worker_main(conn, factories: Sequence[Callable[[], Any]], worker_index: int) -> None:
     # Children ignore Ctrl-C: the parent decides when they stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _serve(conn, factory)
+        _serve(conn, factories)
     except (EOFError, OSError):
         pass  # the parent is gone (killed, or it closed the pipe): nobody is left to answer
     finally:
@@ -49,75 +59,129 @@ def _worker_main(conn, factory: Callable[[], Any], env_index: int) -> None:
         os._exit(0)
 
 
-def _serve(conn, factory: Callable[[], Any]) -> None:
-    """Build the env, then answer the parent's commands until "close" or until the pipe breaks."""
-    try:
-        env = factory()
-    except BaseException:  # report construction errors (e.g. missing assets) instead of dying
-        conn.send(("error", traceback.format_exc()))
-        conn.close()
-        return
-    conn.send(("ok", env.spec()))
+def _run_env_command(env, cmd: str, payload):
+    """One command on one env of this process; returns its result (raises what the env raises)."""
+    if cmd == "reset":
+        return env.reset(*payload)
+    if cmd == "step":
+        return env.step(payload)
+    if cmd == "step_chunk":
+        # Several actions in one message (one pipe round trip per chunk, not per step);
+        # stops after the step that ends the episode, exactly as stepping one by one would.
+        result = []
+        for action in payload:
+            result.append(env.step(action))
+            if result[-1][2] or result[-1][3]:
+                break
+        return result
+    if cmd == "call":
+        name, args = payload
+        return getattr(env, name)(*args)
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def _serve(conn, factories: Sequence[Callable[[], Any]]) -> None:
+    """Build the envs, then answer the parent's commands until "close" or until the pipe breaks.
+
+    A command is (cmd, [(local env index, payload), ...]); the answer is ("ok", [(status, result)
+    per listed env], seconds spent inside the envs). Each env's exception is caught and reported on
+    its own, so one failing env does not hide the results of the others in this process.
+    """
+    envs = []
+    for local, factory in enumerate(factories):
+        try:
+            envs.append(factory())
+        except BaseException:  # report construction errors (e.g. missing assets) instead of dying
+            conn.send(("error", (local, traceback.format_exc())))
+            conn.close()
+            return
+    conn.send(("ok", [env.spec() for env in envs]))
     while True:
-        cmd, payload = conn.recv()  # EOFError once the parent is gone
+        cmd, items = conn.recv()  # EOFError once the parent is gone
         if cmd == "close":
             try:
-                env.close()
+                for env in envs:
+                    with contextlib.suppress(Exception):
+                        env.close()
             finally:
-                conn.send(("ok", None))
+                conn.send(("ok", None, 0.0))
             break
-        try:
-            if cmd == "reset":
-                result = env.reset(*payload)
-            elif cmd == "step":
-                result = env.step(payload)
-            elif cmd == "step_chunk":
-                # Several actions in one message (one pipe round trip per chunk, not per step);
-                # stops after the step that ends the episode, exactly as stepping one by one would.
-                result = []
-                for action in payload:
-                    result.append(env.step(action))
-                    if result[-1][2] or result[-1][3]:
-                        break
-            elif cmd == "call":
-                name, args = payload
-                result = getattr(env, name)(*args)
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply = ("ok", result)
-        except Exception:  # the simulator raised: the parent raises EnvWorkerError with this text
-            reply = ("error", traceback.format_exc())
-        conn.send(reply)
+        started = time.perf_counter()
+        replies = []
+        for local, payload in items:
+            try:
+                replies.append(("ok", _run_env_command(envs[local], cmd, payload)))
+            except Exception:  # the simulator raised: the parent raises EnvWorkerError with this text
+                replies.append(("error", traceback.format_exc()))
+        conn.send(("ok", replies, time.perf_counter() - started))
     conn.close()
 
 
-class SubprocEnvPool:
-    """`num_envs` single-env workers; `factories[i]()` builds env i inside its own process.
+_gc_frozen = False
 
-    A single env object must offer spec(), reset(seed) -> (obs, info), step(action) ->
-    (obs, reward, terminated, truncated, info) and close(). Calls to several envs run in parallel.
+
+def freeze_gc_after_imports(*modules: str) -> None:
+    """Import `modules`, then (once per process) move every object alive to the GC's permanent
+    generation, before any env exists.
+
+    Why: the cyclic garbage collector walks all tracked objects on a full collection, and a worker
+    holds ~360k of them from torch and the simulator's imports, none of which ever become garbage.
+    Simulators that call gc.collect() (ManiSkill on every scene rebuild) pay for that walk each
+    time. Only objects alive now are exempt, so envs built later, and their old scenes, are still
+    collected; freezing again after an env was built would exempt that env's first scene, which
+    then leaks when the scene is rebuilt, hence once per process.
+    """
+    global _gc_frozen
+    for name in modules:
+        importlib.import_module(name)
+    if not _gc_frozen:
+        gc.collect()
+        gc.freeze()
+        _gc_frozen = True
+
+
+def group_envs(num_envs: int, envs_per_process: int) -> list[list[int]]:
+    """Env indices per worker process: consecutive runs of `envs_per_process` (the last may be short)."""
+    if envs_per_process < 1:
+        raise ValueError(f"envs_per_process must be >= 1, got {envs_per_process}")
+    return [list(range(first, min(first + envs_per_process, num_envs)))
+            for first in range(0, num_envs, envs_per_process)]
+
+
+class SubprocEnvPool:
+    """`num_envs` single envs in worker processes; `factories[i]()` builds env i inside its process.
+
+    Env i lives in worker `i // envs_per_process` together with its neighbours. A single env object
+    must offer spec(), reset(seed) -> (obs, info), step(action) -> (obs, reward, terminated,
+    truncated, info) and close(). Calls to envs in different processes run in parallel; envs of one
+    process run one after the other. A dead process takes all its envs with it: all are rebuilt and
+    reported as crashed. Methods that take an `index` take an env index.
     """
 
     def __init__(self, factories: Sequence[Callable[[], Any]], timeout_s: float = 300.0,
-                 start_method: str = "spawn", start_wave: int | None = None):
+                 start_method: str = "spawn", start_wave: int | None = None, envs_per_process: int = 1):
         self._factories = list(factories)
         self._timeout_s = timeout_s
         self._ctx = mp.get_context(start_method)
-        self._procs: list[Any] = [None] * len(self._factories)
-        self._conns: list[Any] = [None] * len(self._factories)
+        self.groups = group_envs(len(self._factories), envs_per_process)
+        self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
+        self._procs: list[Any] = [None] * len(self.groups)
+        self._conns: list[Any] = [None] * len(self.groups)
         self.specs: list[Any] = [None] * len(self._factories)
         self.restart_counts = [0] * len(self._factories)
+        # Seconds each worker spent inside its envs' calls (what the parent waited for, less IPC).
+        self.busy_s = [0.0] * len(self.groups)
         # Workers start in waves of `start_wave` (default: 4 per core). Each start imports torch and
         # the simulator (seconds of CPU); 64 at once on 2 cores kept the first one from answering
         # within timeout_s, although nothing was wrong.
         wave = max(1, start_wave or 4 * (os.cpu_count() or 1))
         try:
-            for first in range(0, len(self._factories), wave):
-                batch = range(first, min(first + wave, len(self._factories)))
-                for i in batch:
-                    self._launch(i)
-                for i in batch:
-                    self.specs[i] = self._await_ready(i)
+            for first in range(0, len(self.groups), wave):
+                batch = range(first, min(first + wave, len(self.groups)))
+                for w in batch:
+                    self._launch(w)
+                for w in batch:
+                    self._await_ready(w)
         except BaseException:
             self.close()  # no orphaned simulator processes
             raise
@@ -126,91 +190,127 @@ class SubprocEnvPool:
     def num_envs(self) -> int:
         return len(self._factories)
 
-    def pid(self, index: int) -> int:
-        return self._procs[index].pid
+    @property
+    def num_workers(self) -> int:
+        return len(self.groups)
 
-    def _launch(self, index: int) -> None:
+    def worker_of(self, index: int) -> int:
+        """The worker process that hosts env `index`."""
+        return self._worker_of[index]
+
+    def pid(self, index: int) -> int:
+        """Process id of the worker that hosts env `index`."""
+        return self._procs[self._worker_of[index]].pid
+
+    def _launch(self, worker: int) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._factories[index], index),
-                                 daemon=True, name=f"pirl-env-{index}")
+        factories = [self._factories[i] for i in self.groups[worker]]
+        proc = self._ctx.Process(target=_worker_main, args=(child, factories, worker),
+                                 daemon=True, name=f"pirl-env-{worker}")
         proc.start()
         child.close()
-        self._procs[index], self._conns[index] = proc, parent
+        self._procs[worker], self._conns[worker] = proc, parent
 
-    def _await_ready(self, index: int):
-        status, payload = self._recv(index)
+    def _await_ready(self, worker: int) -> None:
+        # Building is sequential inside a worker: allow timeout_s per env it builds.
+        status, payload = self._recv(worker, self._timeout_s * len(self.groups[worker]))[:2]
         if status == "error":
-            self._reap(index)
-            raise EnvWorkerError(index, f"could not build the env:\n{payload}")
-        return payload
+            local, message = payload
+            self._reap(worker)
+            raise EnvWorkerError(self.groups[worker][local], f"could not build the env:\n{message}")
+        for index, spec in zip(self.groups[worker], payload):
+            self.specs[index] = spec
 
-    def _recv(self, index: int):
-        conn = self._conns[index]
+    def _describe(self, worker: int) -> str:
+        envs = self.groups[worker]
+        return f"env {envs[0]}" if len(envs) == 1 else f"envs {envs} (worker {worker})"
+
+    def _recv(self, worker: int, timeout_s: float):
+        conn = self._conns[worker]
         try:
-            if not conn.poll(self._timeout_s):
-                raise WorkerCrashed(f"env {index}: no answer within {self._timeout_s} s")
+            if not conn.poll(timeout_s):
+                raise WorkerCrashed(f"{self._describe(worker)}: no answer within {timeout_s} s")
             return conn.recv()
         except (EOFError, ConnectionResetError, BrokenPipeError, OSError) as exc:
-            raise WorkerCrashed(f"env {index}: worker process died ({exc!r})") from exc
+            raise WorkerCrashed(f"{self._describe(worker)}: worker process died ({exc!r})") from exc
 
-    def _send(self, index: int, message) -> None:
+    def _send(self, worker: int, message) -> None:
         try:
-            self._conns[index].send(message)
+            self._conns[worker].send(message)
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
-            raise WorkerCrashed(f"env {index}: worker process died ({exc!r})") from exc
+            raise WorkerCrashed(f"{self._describe(worker)}: worker process died ({exc!r})") from exc
 
-    def _reap(self, index: int) -> None:
-        proc = self._procs[index]
+    def _reap(self, worker: int) -> None:
+        proc = self._procs[worker]
         if proc is not None and proc.is_alive():
             proc.kill()
         if proc is not None:
             proc.join(timeout=10)
-        if self._conns[index] is not None:
-            self._conns[index].close()
+        if self._conns[worker] is not None:
+            self._conns[worker].close()
 
     def restart(self, index: int) -> None:
-        """Replace the process of env `index` by a fresh one (the env is rebuilt, not reset)."""
-        log.warning("env %d: worker process crashed; restarting it", index)
-        self._reap(index)
-        self._launch(index)
-        self.specs[index] = self._await_ready(index)
-        self.restart_counts[index] += 1
+        """Replace the process of env `index` by a fresh one; every env it hosts is rebuilt, not reset."""
+        self._restart_worker(self._worker_of[index])
+
+    def _restart_worker(self, worker: int) -> None:
+        log.warning("%s: worker process crashed; restarting it", self._describe(worker))
+        self._reap(worker)
+        self._launch(worker)
+        self._await_ready(worker)
+        for index in self.groups[worker]:
+            self.restart_counts[index] += 1
+
+    def _by_worker(self, indices: Sequence[int], payloads: Sequence[Any]) -> dict[int, list]:
+        """{worker: [(local env index, payload), ...]} in the order of `indices`."""
+        items: dict[int, list] = {}
+        for index, payload in zip(indices, payloads):
+            worker = self._worker_of[index]
+            items.setdefault(worker, []).append((self.groups[worker].index(index), payload))
+        return items
 
     def call_many(self, cmd: str, indices: Sequence[int], payloads: Sequence[Any]):
-        """Send `cmd` to each env in `indices` (in parallel); returns ({index: result}, crashed).
+        """Send `cmd` to each env in `indices`; returns ({index: result}, crashed).
 
-        Crashed envs are restarted before returning and listed in `crashed` (their result is
-        missing). A Python exception inside an env is raised as EnvWorkerError.
+        Each worker process gets one message with all its listed envs, and the processes run in
+        parallel. `crashed` lists every env of a process that died, including envs of that process
+        that were not in `indices` (their state is lost too); those processes are restarted before
+        returning and their envs have no result. A Python exception inside an env is raised as
+        EnvWorkerError naming the first failing env (in the order of `indices`).
         """
-        crashed: list[int] = []
+        items = self._by_worker(indices, payloads)
+        dead: list[int] = []
         sent: list[int] = []
-        for index, payload in zip(indices, payloads):
+        for worker, worker_items in items.items():
             try:
-                self._send(index, (cmd, payload))
-                sent.append(index)
+                self._send(worker, (cmd, worker_items))
+                sent.append(worker)
             except WorkerCrashed:
-                crashed.append(index)
+                dead.append(worker)
         results: dict[int, Any] = {}
-        errors: list[tuple[int, str]] = []
-        for index in sent:
+        errors: dict[int, str] = {}
+        for worker in sent:
             try:
-                status, payload = self._recv(index)
+                _, replies, busy = self._recv(worker, self._timeout_s * len(items[worker]))
             except WorkerCrashed:
-                crashed.append(index)
+                dead.append(worker)
                 continue
-            if status == "error":
-                errors.append((index, payload))
-            else:
-                results[index] = payload
-        for index in crashed:
-            self.restart(index)
+            self.busy_s[worker] += busy
+            for (local, _), (status, payload) in zip(items[worker], replies):
+                index = self.groups[worker][local]
+                if status == "error":
+                    errors[index] = payload
+                else:
+                    results[index] = payload
+        for worker in dead:
+            self._restart_worker(worker)
         if errors:
-            index, message = errors[0]
-            raise EnvWorkerError(index, message)
-        return results, sorted(crashed)
+            index = next(i for i in indices if i in errors)
+            raise EnvWorkerError(index, errors[index])
+        return results, sorted(i for worker in dead for i in self.groups[worker])
 
     def close(self) -> None:
-        for index, conn in enumerate(self._conns):
+        for conn in self._conns:
             if conn is None or conn.closed:
                 continue
             try:
@@ -219,10 +319,11 @@ class SubprocEnvPool:
                     conn.recv()
             except (OSError, EOFError):
                 pass
-        for index in range(len(self._procs)):
-            self._reap(index)
+        for worker in range(len(self._procs)):
+            self._reap(worker)
 
     def kill_worker(self, index: int) -> None:
-        """Kill one worker process (used by tests and fault-injection to check recovery)."""
-        os.kill(self._procs[index].pid, signal.SIGKILL)
-        self._procs[index].join(timeout=10)
+        """Kill the process of env `index` (and so every env it hosts): tests and fault injection."""
+        worker = self._worker_of[index]
+        os.kill(self._procs[worker].pid, signal.SIGKILL)
+        self._procs[worker].join(timeout=10)

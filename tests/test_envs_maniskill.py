@@ -16,10 +16,20 @@ pytestmark = pytest.mark.sim
 LIMIT = 6  # short episodes: chunks of 4 cross an episode end in the 2nd chunk
 
 
+STATE_ENV = dict(task="PickCube-v1", num_envs=2, obs_mode="state", max_episode_steps=LIMIT,
+                 reward_mode="normalized_dense", seed=11)
+
+
 @pytest.fixture(scope="module")
 def state_env():
-    env = make_maniskill_env(dict(task="PickCube-v1", num_envs=2, obs_mode="state", max_episode_steps=LIMIT,
-                                  reward_mode="normalized_dense", seed=11))
+    env = make_maniskill_env(dict(STATE_ENV, envs_per_process=1))  # one process per env
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def shared_process_env():
+    env = make_maniskill_env(dict(STATE_ENV, envs_per_process=2))  # both envs in one process
     yield env
     env.close()
 
@@ -131,19 +141,46 @@ def test_bad_actions_rejected_before_the_simulator(state_env):
     np.testing.assert_array_equal(info["episode_length"], [2, 2])  # nothing ran for the bad calls
 
 
-def test_crashed_worker_is_restarted_and_reported(state_env):
-    env = state_env
+def test_several_envs_per_process_match_one_env_per_process(state_env, shared_process_env):
+    """Same seeds and actions, bit-identical observations, rewards and episode ends (auto-resets
+    included), whether each env has its own process or both share one."""
+    chunks = _random_chunks(4, 2, 4, 7, seed=5)
+
+    def rollout(env):
+        out = [env.reset(seed=[21, 40])["state"]]
+        for k, chunk in enumerate(chunks):
+            obs, reward, term, trunc, info = env.step_chunk(chunk, n_exec=3 if k % 2 else 2)
+            out += [obs["state"], info["final_obs"]["state"], reward, term, trunc, info["exec_mask"],
+                    info["success_once"], info["episode_return"]]
+        return out
+
+    assert shared_process_env.backend.pool.num_workers == 1 and state_env.backend.pool.num_workers == 2
+    separate, shared = rollout(state_env), rollout(shared_process_env)
+    assert any(trunc.any() for trunc in separate[5::8])  # an episode ended (auto-reset covered)
+    for a, b in zip(separate, shared):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fixture", ["state_env", "shared_process_env"])
+def test_crashed_worker_is_restarted_and_reported(fixture, request):
+    """Killing env 1's process loses every env it hosts (env 1 alone, or envs 0 and 1 when they
+    share it): those are rebuilt, reported as crashed and their episodes end as truncated."""
+    env = request.getfixturevalue(fixture)
+    pool = env.backend.pool
+    lost = [i for i in range(2) if pool.worker_of(i) == pool.worker_of(1)]
+    restarts = list(pool.restart_counts)
     env.reset(seed=3)
     env.step_chunk(np.zeros((2, 2, 7), np.float32))
-    env.backend.pool.kill_worker(1)
+    pool.kill_worker(1)
     obs, reward, term, trunc, info = env.step_chunk(np.zeros((2, 2, 7), np.float32))
-    np.testing.assert_array_equal(info["crashed"], [False, True])
-    assert trunc[1] and not trunc[0]  # the lost episode ends as truncated
-    assert env.crash_log[-1] == 1 and env.backend.pool.restart_counts[1] == 1
+    np.testing.assert_array_equal(info["crashed"], [i in lost for i in range(2)])
+    np.testing.assert_array_equal(trunc, [i in lost for i in range(2)])  # lost episodes end as truncated
+    assert env.crash_log[-len(lost):] == lost
+    assert [pool.restart_counts[i] - restarts[i] for i in range(2)] == [int(i in lost) for i in range(2)]
     assert obs["state"].shape == (2, 42)
     _, _, _, _, info = env.step_chunk(np.zeros((2, 2, 7), np.float32))
     assert not info["crashed"].any()
-    np.testing.assert_array_equal(info["episode_length"], [6, 2])
+    np.testing.assert_array_equal(info["episode_length"], [2 if i in lost else 6 for i in range(2)])
 
 
 def test_shaped_reward_and_action_unnormalisation(tmp_path):

@@ -314,3 +314,116 @@ def test_env_pool_starts_workers_in_waves_and_cleans_up_a_failed_start(monkeypat
     with pytest.raises(EnvWorkerError, match="could not build"):
         SubprocEnvPool([_counting_env_factory(i) for i in (0, 1, 2, 3, -1)], timeout_s=60, start_wave=2)
     assert len(started) == 5 and not any(p.is_alive() for p in started)
+
+
+class _ScriptedEnv:
+    """A picklable single env for VLAEnv over the process pool, no simulator.
+
+    State = [index, episode seed, step]; reward 1 per step; truncated after `limit` steps. An action
+    whose first value is -7 raises; a reset with seed `crash_seed` kills the worker process once (a
+    marker file remembers it), standing in for a simulator that segfaults.
+    """
+
+    def __init__(self, index: int, limit: int, crash_seed: int = -1, marker: str = ""):
+        self.index, self.limit, self.crash_seed, self.marker = index, limit, crash_seed, marker
+        self.seed, self.t = 0, 0
+
+    def spec(self):
+        from envs.base import EnvSpec
+
+        return EnvSpec(cameras={}, state_dim=3, state_names=("index", "seed", "t"), action_dim=2,
+                       max_episode_steps=self.limit, control_mode="scripted")
+
+    def _obs(self):
+        return {"images": {}, "state": np.array([self.index, self.seed, self.t], np.float32), "prompt": "p"}
+
+    def reset(self, seed: int, hard: bool = False):
+        if seed == self.crash_seed and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), 9)
+        self.seed, self.t = seed, 0
+        return self._obs(), {}
+
+    def step(self, action):
+        if action[0] == -7:
+            raise ValueError(f"env {self.index} was given the bad action")
+        self.t += 1
+        return self._obs(), 1.0, False, self.t >= self.limit, {"success": False}
+
+    def close(self):
+        """Holds nothing."""
+
+
+def test_env_pool_hosts_several_envs_per_process_and_restarts_them_together():
+    from envs.workers import EnvWorkerError, SubprocEnvPool
+
+    pool = SubprocEnvPool([functools.partial(_ScriptedEnv, i, 100) for i in range(5)], timeout_s=60,
+                          envs_per_process=2)
+    try:
+        assert pool.groups == [[0, 1], [2, 3], [4]] and pool.num_workers == 3
+        assert [s.control_mode for s in pool.specs] == ["scripted"] * 5
+        assert pool.pid(0) == pool.pid(1) != pool.pid(2) == pool.pid(3) != pool.pid(4)
+        # One message per process, results keyed by env index, whatever the order asked.
+        results, crashed = pool.call_many("reset", [4, 1, 2], [(40, False), (10, False), (20, False)])
+        assert crashed == [] and {i: r[0]["state"][:2].tolist() for i, r in results.items()} == {
+            4: [4, 40], 1: [1, 10], 2: [2, 20]}
+        # An exception names its env, not its process or its neighbour.
+        with pytest.raises(EnvWorkerError, match="env 3 was given") as err:
+            pool.call_many("step_chunk", [2, 3], [np.zeros((2, 2)), np.full((2, 2), -7.0)])
+        assert err.value.env_index == 3
+        # A dead process takes both its envs: both are rebuilt and reported, also the one not called.
+        old_pid = pool.pid(2)
+        pool.kill_worker(3)
+        results, crashed = pool.call_many("step_chunk", [2, 4], [np.zeros((1, 2))] * 2)
+        assert crashed == [2, 3] and list(results) == [4]
+        assert pool.restart_counts == [0, 0, 1, 1, 0] and pool.pid(2) == pool.pid(3) != old_pid
+        results, crashed = pool.call_many("reset", [3], [(30, False)])
+        assert crashed == [] and results[3][0]["state"][:2].tolist() == [3, 30]
+    finally:
+        pool.close()
+    # A failed build in a shared process names the env that failed.
+    with pytest.raises(EnvWorkerError, match="env 3: could not build"):
+        SubprocEnvPool([_counting_env_factory(i) for i in (0, 1, 2, -1)], timeout_s=60, envs_per_process=2)
+
+
+def test_neighbour_lost_in_a_crash_during_reset_is_reported_at_the_next_chunk(tmp_path):
+    """Env 0 ends its episode and its reset kills the process it shares with env 1 (mid-episode):
+    env 0 is reset again in the rebuilt process; env 1's episode is lost, so the next chunk reports
+    it crashed and truncated without stepping it, and then it starts its next episode."""
+    from envs.base import PoolBackend, VLAEnv
+    from envs.config import CommonEnvConfig
+    from envs.workers import SubprocEnvPool
+
+    crash_seed = 500
+    marker = str(tmp_path / "crashed_once")
+    factories = [functools.partial(_ScriptedEnv, 0, 2, crash_seed, marker), functools.partial(_ScriptedEnv, 1, 100)]
+    env = VLAEnv(PoolBackend(SubprocEnvPool(factories, timeout_s=60, envs_per_process=2)), CommonEnvConfig(num_envs=2))
+    try:
+        env.reset(seed=[crash_seed - 2, 7])  # env 0's second episode has seed crash_seed
+        obs, _, _, trunc, info = env.step_chunk(np.zeros((2, 2, 2), np.float32))
+        assert trunc.tolist() == [True, False] and os.path.exists(marker)
+        assert env.crash_log == [0, 1] and not info["crashed"].any()
+        assert obs["state"].tolist() == [[0, crash_seed, 0], [1, 7, 2]]  # env 0 reset in the new process
+        obs, reward, term, trunc, info = env.step_chunk(np.zeros((2, 2, 2), np.float32), n_exec=1)
+        assert info["crashed"].tolist() == [False, True] and trunc.tolist() == [False, True]
+        assert info["exec_mask"].tolist() == [[True], [False]] and reward.tolist() == [1.0, 0.0]
+        assert obs["state"].tolist()[1] == [1, 7 + 2, 0]  # env 1's next episode, seed 7 + num_envs
+        assert env.crash_log == [0, 1]  # logged once, when its process died
+        _, _, _, _, info = env.step_chunk(np.zeros((2, 2, 2), np.float32), n_exec=1)
+        assert not info["crashed"].any() and info["exec_mask"].all()
+    finally:
+        env.close()
+
+
+def test_envs_per_process_config():
+    cfg = ManiSkillConfig(num_envs=16, envs_per_process=4)
+    assert cfg.process_layout() == 4 and cfg.replace(envs_per_process=32).process_layout() == 16
+    cores = len(os.sched_getaffinity(0))
+    assert ManiSkillConfig(num_envs=16).process_layout() == -(-16 // cores)  # one process per core
+    with pytest.raises(ConfigError, match="envs_per_process"):
+        ManiSkillConfig(envs_per_process=0)
+    # LIBERO: one process per env unless nothing renders (robosuite's GL contexts cannot be shared).
+    assert LiberoConfig(num_envs=4).process_layout() == 1
+    assert LiberoConfig(num_envs=4, cameras=(), envs_per_process=2).process_layout() == 2
+    with pytest.raises(ConfigError, match="one process each"):
+        LiberoConfig(num_envs=4, envs_per_process=2)

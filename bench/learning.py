@@ -59,6 +59,22 @@ def run_method(name: str, iterations: int, extra: list[str], out_root: Path, see
             "env_steps": steps, "env_steps_per_s_overall": steps / wall}
 
 
+def collect_run(run_dir: Path) -> dict:
+    """The result record of `run_method` rebuilt from a run directory (a run stopped before the end
+    keeps every iteration it logged). Wall time is the sum of the logged sync, rollout and learn times
+    (evaluation not included)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = list({r["iteration"]: r for r in rows}.values())  # a resumed run logs repeats: keep the last
+    history = [{k: v for k, v in h.items() if isinstance(v, int | float)} for h in history]
+    steps = sum(h["env_steps"] for h in history)
+    wall = sum(h["time_sync_s"] + h["time_rollout_s"] + h["time_learn_s"] for h in history)
+    method = "grpo" if cfg["run"]["algorithm"] == "grpo" else cfg["sampler"]["kind"]
+    return {"method": method, "seed": cfg["run"]["seed"], "overrides": [f"run.init_checkpoint={cfg['run']['init_checkpoint']}"],
+            "history": history, "wall_s": wall, "env_steps": steps, "env_steps_per_s_overall": steps / max(wall, 1e-9),
+            "run_dir": str(run_dir), "stopped_at_iteration": history[-1]["iteration"] if history else None}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -122,12 +138,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "learning"))
     parser.add_argument("--runs", default="runs/bench_learning")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot from --out's JSON")
+    parser.add_argument("--collect", nargs="+", default=None, metavar="RUN_DIR",
+                        help="build --out from these runs' metrics.jsonl (runs stopped before the end)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     if args.replot:
         results = json.loads(out.with_suffix(".json").read_text())
+    elif args.collect:
+        results = [collect_run(Path(d)) for d in args.collect]
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
     else:
         extra = list(args.overrides)
         if args.quick:

@@ -9,8 +9,8 @@ chunk executes nothing more; after the chunk it is reset (auto-reset) with the n
 deterministic seed sequence, and the returned observation of that env is the first observation of
 its new episode (the last one of the finished episode is in info["final_obs"]).
 
-Units: actions are in the simulator's units unless the config names a stats JSON (then the env
-un-normalises them first; see envs.dataset.NormStats).
+Units: actions are in the simulator's own units; a policy's processor (`vla.normalize`) un-normalises
+its chunks before they reach an env (envs never normalise).
 """
 from __future__ import annotations
 
@@ -85,14 +85,6 @@ class VLAEnv:
         self.config = config
         self.num_envs = backend.num_envs
         self.spec: EnvSpec = backend.env_spec()
-        self._normalizer = None
-        if config.action_norm_stats is not None:
-            from .dataset import NormStats
-
-            self._normalizer = NormStats.load(config.action_norm_stats)
-            stats_dim = len(self._normalizer.stats["action"]["mean"])
-            if stats_dim < self.spec.action_dim:
-                raise ValueError(f"action stats have {stats_dim} dims, the env needs {self.spec.action_dim}")
         self._recorders = {i: VideoRecorder(config.video_dir, i, config.video_fps)
                            for i in config.record_video_envs}
         self._base_seeds = np.zeros(self.num_envs, dtype=np.int64)
@@ -185,9 +177,6 @@ class VLAEnv:
         if not np.isfinite(executed).all():
             bad = np.argwhere(~np.isfinite(executed))[0]
             raise ActionError(f"non-finite action at env {bad[0]}, step {bad[1]}, dim {bad[2]}")
-        if self._normalizer is not None:
-            executed = self._normalizer.unnormalize("action", executed, self.config.action_norm_mode,
-                                                    dims=self.spec.action_dim)
         return np.ascontiguousarray(executed, dtype=np.float32), n_exec
 
     def step_chunk(self, actions: Any, n_exec: int | None = None):

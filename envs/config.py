@@ -121,10 +121,6 @@ class CommonEnvConfig(_Config):
     record_video_envs: tuple[int, ...] = ()
     video_dir: str = "videos"
     video_fps: int = 20
-    # Actions arrive in env units unless a stats JSON (written by envs.dataset) is given: then the
-    # env un-normalises them ("mean_std": a*std+mean, "quantile": q01..q99 <- [-1, 1]).
-    action_norm_stats: str | None = None
-    action_norm_mode: str = "none"
     # A worker process that does not answer within this many seconds per env of the call counts as
     # crashed (a process hosting k envs gets k times as long: it serves them one after the other).
     worker_timeout_s: float = 300.0
@@ -152,10 +148,6 @@ class CommonEnvConfig(_Config):
         bad = [i for i in self.record_video_envs if not 0 <= i < self.num_envs]
         if bad:
             raise ConfigError(f"record_video_envs {bad} outside [0, {self.num_envs})")
-        if self.action_norm_mode not in ("none", "mean_std", "quantile"):
-            raise ConfigError(f"action_norm_mode {self.action_norm_mode!r}: none | mean_std | quantile")
-        if (self.action_norm_mode == "none") != (self.action_norm_stats is None):
-            raise ConfigError("action_norm_stats and action_norm_mode go together (both set or neither)")
 
 
 @dataclass(frozen=True)

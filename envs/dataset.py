@@ -48,59 +48,6 @@ def compute_stats(values: np.ndarray) -> dict[str, list[float]]:
     return stats
 
 
-@dataclass
-class NormStats:
-    """{key: {mean, std, q01, q99, ...}} for "state" and "action" (lists of floats, one per dim).
-
-    Modes: "mean_std": x_n = (x - mean) / (std + eps); "quantile": q01 -> -1, q99 -> +1 (openpi's
-    π0.5 normalisation; values outside the range are not clipped here).
-    """
-
-    stats: dict[str, dict[str, list[float]]]
-    eps: float = 1e-6
-
-    def save(self, path: str) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"norm_stats": self.stats}, f, indent=1)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> "NormStats":
-        with open(path) as f:
-            data = json.load(f)
-        stats = data.get("norm_stats", data)
-        for key, entry in stats.items():
-            missing = [k for k in ("mean", "std", "q01", "q99") if k not in entry]
-            if missing:
-                raise ValueError(f"{path}: stats of {key!r} lack {missing}")
-        return cls(stats)
-
-    def _arrays(self, key: str, dims: int | None):
-        if key not in self.stats:
-            raise KeyError(f"no stats for {key!r} (have {sorted(self.stats)})")
-        entry = {k: np.asarray(v, dtype=np.float32) for k, v in self.stats[key].items() if k != "count"}
-        if dims is not None:
-            entry = {k: v[:dims] for k, v in entry.items()}
-        return entry
-
-    def normalize(self, key: str, x: np.ndarray, mode: str, dims: int | None = None) -> np.ndarray:
-        s = self._arrays(key, dims if dims is not None else np.shape(x)[-1])
-        if mode == "mean_std":
-            return ((x - s["mean"]) / (s["std"] + self.eps)).astype(np.float32)
-        if mode == "quantile":
-            return (2.0 * (x - s["q01"]) / (s["q99"] - s["q01"] + self.eps) - 1.0).astype(np.float32)
-        raise ValueError(f"normalisation mode {mode!r}: mean_std | quantile")
-
-    def unnormalize(self, key: str, x: np.ndarray, mode: str, dims: int | None = None) -> np.ndarray:
-        s = self._arrays(key, dims if dims is not None else np.shape(x)[-1])
-        if mode == "mean_std":
-            return (x * (s["std"] + self.eps) + s["mean"]).astype(np.float32)
-        if mode == "quantile":
-            return ((x + 1.0) / 2.0 * (s["q99"] - s["q01"] + self.eps) + s["q01"]).astype(np.float32)
-        raise ValueError(f"normalisation mode {mode!r}: mean_std | quantile")
-
-
 # ---------------------------------------------------------------------------------------------
 # Writer (v3.0)
 # ---------------------------------------------------------------------------------------------
@@ -417,10 +364,6 @@ class LeRobotReader:
             return frames[offset + int(self.frame_index[row])]
         return _decode_image(self._frame[key].iat[row])
 
-    def compute_norm_stats(self) -> NormStats:
-        return NormStats({"state": compute_stats(self.state), "action": compute_stats(self.actions)})
-
-
 class ConcatReader:
     """Several LeRobot datasets read as one (the LeRobotReader attributes SFT uses).
 
@@ -483,10 +426,6 @@ class ConcatReader:
         part, local = self._locate(row)
         return part.image(camera, local)
 
-    def compute_norm_stats(self) -> NormStats:
-        return NormStats({"state": compute_stats(self.state), "action": compute_stats(self.actions)})
-
-
 # ---------------------------------------------------------------------------------------------
 # SFT batches
 # ---------------------------------------------------------------------------------------------
@@ -496,14 +435,12 @@ class SFTChunkDataset:
     Sample i is frame i: its observation (images, state, prompt) and the actions of frames
     i .. i+H-1 of the same episode. Steps past the episode end repeat the last action and are
     marked invalid in `action_valid` [H]; action dims are zero-padded to `action_pad_dim` with
-    `mask_dims` [D_pad] marking the real ones. With `norm_mode` ("mean_std" | "quantile") state and
-    actions are normalised with `norm_stats` (computed from the dataset and saved to
-    `stats_path` when not given).
+    `mask_dims` [D_pad] marking the real ones. State and actions stay in raw units: normalisation
+    belongs to the policy's processor (`vla.normalize`), whose stats SFT computes from `reader`.
     """
 
     def __init__(self, root: str | Sequence[str], horizon: int, *, action_pad_dim: int | None = None,
-                 norm_mode: str = "none", norm_stats: NormStats | str | None = None,
-                 stats_path: str | None = None, cameras: Sequence[str] | None = None,
+                 cameras: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = None, **reader_kwargs):
         if horizon < 1:
             raise ValueError("horizon must be >= 1")
@@ -521,16 +458,6 @@ class SFTChunkDataset:
         if unknown:
             raise KeyError(f"cameras {unknown} not in the dataset ({sorted(self.reader.camera_keys)})")
         self.image_size = image_size
-        if norm_mode not in ("none", "mean_std", "quantile"):
-            raise ValueError("norm_mode: none | mean_std | quantile")
-        self.norm_mode = norm_mode
-        if isinstance(norm_stats, str):
-            norm_stats = NormStats.load(norm_stats)
-        if norm_stats is None:
-            norm_stats = self.reader.compute_norm_stats()
-            if stats_path:
-                norm_stats.save(stats_path)
-        self.norm_stats = norm_stats
         # Row r's episode end (exclusive), to build chunks without crossing episodes.
         self._episode_end = np.empty(len(self.reader), dtype=np.int64)
         for ep in self.reader.episodes:
@@ -556,9 +483,6 @@ class SFTChunkDataset:
         steps = np.minimum(steps, self._episode_end[rows][:, None] - 1)
         actions = self.reader.actions[steps]  # [B, H, D]
         state = self.reader.state[rows]
-        if self.norm_mode != "none":
-            actions = self.norm_stats.normalize("action", actions, self.norm_mode)
-            state = self.norm_stats.normalize("state", state, self.norm_mode)
         padded = np.zeros((len(rows), self.horizon, self.action_pad_dim), dtype=np.float32)
         padded[..., : self.action_dim] = actions
         mask_dims = np.zeros(self.action_pad_dim, dtype=bool)

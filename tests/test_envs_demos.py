@@ -35,7 +35,7 @@ def test_demos_written_in_lerobot_layout(pickcube_demos):
     assert reader.tasks == {0: "pick up the red cube and move it to the goal position"}
     # converted delta-pose actions stay inside the controller's normalised range
     assert np.abs(reader.actions).max() <= 1.0 + 1e-6
-    ds = SFTChunkDataset(pickcube_demos, horizon=8, action_pad_dim=32, norm_mode="quantile")
+    ds = SFTChunkDataset(pickcube_demos, horizon=8, action_pad_dim=32)
     last = reader.episodes[0]["to"] - 1
     batch = ds.get_batch([0, last])
     assert batch["action_valid"][0].all() and batch["action_valid"][1].sum() == 1

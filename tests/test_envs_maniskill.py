@@ -183,20 +183,15 @@ def test_crashed_worker_is_restarted_and_reported(fixture, request):
     np.testing.assert_array_equal(info["episode_length"], [2 if i in lost else 6 for i in range(2)])
 
 
-def test_shaped_reward_and_action_unnormalisation(tmp_path):
-    from envs.dataset import NormStats
-
-    stats = {"action": {"mean": [0.0] * 8, "std": [1.0] * 8, "q01": [-2.0] * 8, "q99": [2.0] * 8}}
-    stats_path = NormStats(stats).save(str(tmp_path / "stats.json"))
+def test_shaped_reward_and_padded_action_dims(tmp_path):
     env = make_maniskill_env(dict(task="PushCube-v1", num_envs=1, obs_mode="state", reward_mode="shaped_diff",
-                                  control_mode="pd_joint_delta_pos", max_episode_steps=10,
-                                  action_norm_stats=stats_path, action_norm_mode="quantile"))
+                                  control_mode="pd_joint_delta_pos", max_episode_steps=10))
     try:
         assert env.spec.action_dim == 8  # 7 joints + gripper
-        # normalised 0.5 -> 1.0 in env units (q01..q99 = -2..2 maps to -1..1); padded dims dropped
+        # actions are executed in env units as given; padded dims are cut, only n_exec steps kept
         executed, n_exec = env.validate_actions(np.full((1, 4, 32), 0.5, np.float32), 2)
         assert executed.shape == (1, 2, 8) and n_exec == 2
-        np.testing.assert_allclose(executed, 1.0, atol=1e-5)
+        np.testing.assert_allclose(executed, 0.5)
         env.reset(seed=0)
         _, reward, *_ = env.step_chunk(np.zeros((1, 3, 8), np.float32))
         assert reward[0] == 0.0  # nothing grasped, no success: no shaped reward

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from envs.config import ConfigError, LiberoConfig, ManiSkillConfig
-from envs.dataset import (Episode, LeRobotReader, NormStats, SFTChunkDataset, compute_stats,
-                          write_lerobot_dataset)
+from envs.dataset import Episode, LeRobotReader, SFTChunkDataset, write_lerobot_dataset
 from envs.rewards import DifferencedPotential, DifferencedShapedReward
 
 
@@ -142,9 +141,7 @@ def test_several_datasets_read_as_one(tmp_path):
     np.testing.assert_array_equal(got["episode_index"], [0] * 5 + [1] * 3 + [2] * 2 + [3] * 4 + [4] * 3)
     # Row 7 is the first dataset's last frame: its chunk repeats that frame, not the next dataset's.
     assert got["action_valid"][7].tolist() == [True, False, False, False]
-    stats = both.reader.compute_norm_stats()
-    np.testing.assert_allclose(stats.stats["action"]["mean"],
-                               np.concatenate([e.actions for e in first + second]).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(both.reader.actions, np.concatenate([e.actions for e in first + second]), rtol=1e-6)
     write_lerobot_dataset(str(tmp_path / "c"), _episodes(rng, cams=("wrist",)), fps=10)
     with pytest.raises(ValueError, match="cameras"):
         SFTChunkDataset([str(tmp_path / "a"), str(tmp_path / "c")], horizon=4)
@@ -193,8 +190,7 @@ def test_reads_lerobot_v2_layout_with_openpi_keys(tmp_path):
         "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
         "video_path": None, "features": feats}))
 
-    stats_path = str(tmp_path / "norm_stats.json")
-    ds = SFTChunkDataset(str(root), horizon=5, action_pad_dim=32, stats_path=stats_path)
+    ds = SFTChunkDataset(str(root), horizon=5, action_pad_dim=32)
     assert sorted(ds.cameras) == ["image", "wrist_image"]
     batch = ds.get_batch([2, 4])  # episode 0 frame 2; episode 1 frame 0
     assert batch["actions"].shape == (2, 5, 32)
@@ -207,26 +203,6 @@ def test_reads_lerobot_v2_layout_with_openpi_keys(tmp_path):
     assert not batch["actions"][:, :, 7:].any() and batch["mask_dims"].sum() == 7
     np.testing.assert_array_equal(batch["images"]["image"][1], frames[1][0])
     np.testing.assert_array_equal(batch["images"]["wrist_image"][0], frames[0][2][::-1])
-    saved = json.load(open(stats_path))["norm_stats"]
-    assert set(saved) == {"state", "action"} and set(saved["action"]) >= {"mean", "std", "q01", "q99"}
-
-
-def test_norm_stats_roundtrip_and_quantile_range(tmp_path):
-    rng = np.random.default_rng(2)
-    values = rng.uniform(-3, 5, size=(1000, 3))
-    stats = NormStats({"action": compute_stats(values)})
-    path = stats.save(str(tmp_path / "s.json"))
-    loaded = NormStats.load(path)
-    for mode in ("mean_std", "quantile"):
-        normed = loaded.normalize("action", values, mode)
-        np.testing.assert_allclose(loaded.unnormalize("action", normed, mode), values, rtol=1e-4, atol=1e-4)
-    q = loaded.normalize("action", values, "quantile")
-    assert np.mean((q >= -1) & (q <= 1)) == pytest.approx(0.98, abs=0.01)
-    z = loaded.normalize("action", values, "mean_std")
-    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
-    np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
-    with pytest.raises(KeyError, match="no stats"):
-        loaded.normalize("state", values, "quantile")
 
 
 def test_video_writer_roundtrip(tmp_path):

@@ -78,6 +78,20 @@ def test_an_old_norm_stats_file_loads_and_normalises_as_before(checkpoint):
         np.testing.assert_allclose(unnormalize(z, stats[key], "zscore"), z * (std + 1e-6) + mean, rtol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["zscore", "quantile"])
+def test_normalize_inverts_and_matches_its_mode(mode):
+    values = np.random.default_rng(2).uniform(-3, 5, size=(1000, 3))
+    stats = NormStats.from_data(values, mode=mode)
+    wide = NormStats.from_data(values, mode=mode, clip=100.0)  # no clip acts: the map inverts exactly
+    np.testing.assert_allclose(unnormalize(normalize(values, wide), wide), values, rtol=1e-9, atol=1e-9)
+    normed = normalize(values, stats)
+    if mode == "quantile":  # q01 -> -1, q99 -> +1; the 2% outside is clipped to the bounds
+        assert np.mean(np.abs(normed) < 1) == pytest.approx(0.98, abs=0.01)
+    else:
+        np.testing.assert_allclose(normed.mean(0), 0, atol=1e-6)
+        np.testing.assert_allclose(normed.std(0), 1, atol=1e-5)
+
+
 def test_lerobot_action_key_and_entries_without_quantiles_load(tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"state": {"mean": [0.0, 1.0], "std": [1.0, 2.0]},
                                                      "action": {"mean": [0.5], "std": [0.25]}}))

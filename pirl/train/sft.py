@@ -68,6 +68,11 @@ class SFTConfig:
     state_drop_frac: float = 0.05
     """State dims whose std is below this fraction of the median std are fed as 0 (nothing in the demos
     to learn from them). 0 = keep every dim."""
+    state_drop: list[int] = dataclasses.field(default_factory=list)
+    """State dims fed as 0, named by index, on top of the near-constant ones: dims whose test-time values
+    leave the demos' range for reasons the demos never show. On PickCube the finger joint velocities
+    (16, 17): in every failed episode of the first robust start they sat at the clip (8-27 demo stds
+    raw) while the commanded hand motion collapsed to ~1-2 mm per step (bench/results/README.md)."""
     state_clip: float | None = 3.0
     """Normalised state values are clipped to [-clip, clip]; None = no clip."""
     state_noise: float = 0.0
@@ -136,7 +141,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     roots = cfg.dataset if isinstance(cfg.dataset, str) else [str(root) for root in cfg.dataset]
     dataset = SFTChunkDataset(roots, model_cfg.action_horizon, norm_mode="none",
                               cameras=list(cfg.cameras.values()))
-    stats = dataset_norm_stats(model_cfg, dataset, cfg.state_floor_frac, cfg.state_drop_frac, cfg.state_clip)
+    stats = dataset_norm_stats(model_cfg, dataset, cfg.state_floor_frac, cfg.state_drop_frac, cfg.state_clip,
+                               cfg.state_drop)
     processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out, stats)
     if stats["state"].drop:
         log.info("sft: state dims %s are near-constant in the data and fed as 0", list(stats["state"].drop))

@@ -59,7 +59,7 @@ def test_sft_fits_a_dataset_and_writes_a_self_contained_policy(dataset, tmp_path
     # The final loss on the data is far below the loss of the untrained model.
     from envs.dataset import SFTChunkDataset
 
-    ds = SFTChunkDataset(dataset, policy.config.action_horizon, norm_mode="none", cameras=["wrist"])
+    ds = SFTChunkDataset(dataset, policy.config.action_horizon, cameras=["wrist"])
     batch = ds.get_batch(range(64))
     obs = {"images": {"wrist_0_rgb": batch["images"]["wrist"]}, "state": batch["state"], "prompt": batch["prompt"]}
     inputs = processor(obs)

@@ -139,7 +139,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.output_dir)
     model_cfg = build_model_config(cfg.model)
     roots = cfg.dataset if isinstance(cfg.dataset, str) else [str(root) for root in cfg.dataset]
-    dataset = SFTChunkDataset(roots, model_cfg.action_horizon, norm_mode="none",
+    dataset = SFTChunkDataset(roots, model_cfg.action_horizon,
                               cameras=list(cfg.cameras.values()))
     stats = dataset_norm_stats(model_cfg, dataset, cfg.state_floor_frac, cfg.state_drop_frac, cfg.state_clip,
                                cfg.state_drop)

@@ -13,7 +13,7 @@ from pirl.cli import REPO, compose, main
 from pirl.train.common import load_bundle
 from pirl.train.sft import SFTConfig, train_sft
 
-SHIPPED = REPO / "assets" / "pickcube_tiny_sft_v2"
+SHIPPED = REPO / "assets" / "pickcube_tiny_sft_v3"
 
 
 @pytest.fixture(scope="module")

@@ -182,3 +182,19 @@ def test_flow_noise_bounds_in_raw_units_bound_every_step_in_env_units(tmp_path):
     assert raw.min() < 0.006 and raw.max() > 0.018
     with pytest.raises(ValueError, match="Flow-SDE setting"):
         SamplerConfig(kind="flow_noise", explore_std=(0.01,))
+
+
+def test_range_clip_keeps_the_datas_own_tails_and_bounds_what_it_never_held():
+    """A skewed dim (a cube mostly on the table, sometimes lifted high) keeps its whole data range,
+    where a clip at ±3 stds would cut it; a constant dim cannot leave floor-scaled ±margin."""
+    rng = np.random.default_rng(0)
+    height = np.where(rng.random(5000) < 0.95, 0.02, rng.uniform(0.02, 0.32, 5000))
+    data = np.stack([rng.normal(0, 0.1, 5000), height, np.full(5000, 0.7)], 1)
+    stats = NormStats.from_data(data, mode="zscore").robust(floor_frac=0.25, range_margin=0.5)
+    top = normalize(np.array([[0.0, height.max(), 0.7]]), stats)[0, 1]
+    assert top > 3.0  # the highest lift in the data is > 3 stds above the mean height, and kept
+    assert normalize(np.array([[0.0, 5.0, 0.7]]), stats)[0, 1] == pytest.approx(top + 0.5)
+    far = normalize(np.array([[50.0, -5.0, 9.0]]), stats)[0]
+    assert far[2] == pytest.approx(0.5) and far[0] <= normalize(data, stats)[:, 0].max() + 0.5 + 1e-9
+    loaded = NormStats.from_json(stats.to_json())
+    np.testing.assert_array_equal(normalize(data[:50] * 3, loaded), normalize(data[:50] * 3, stats))

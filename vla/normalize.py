@@ -10,6 +10,10 @@ holds the data statistics and, since they decide what the policy sees, how they 
     std_floor                per dim: the z-score divides by max(std, floor) (quantile: the half range)
     clip                     normalised values are clipped to [-clip, clip]; absent = no clip (z-score),
                              [-1, 1] (quantile, as before)
+    clip_low, clip_high      per dim: normalised values are clipped to [clip_low, clip_high], e.g. the
+                             data's own [min, max] widened by a margin (`robust(range_margin=...)`): a
+                             symmetric clip at ±3 also cuts what the data holds (a cube lifted to a high
+                             goal sits 5 stds above its mean height, in 4% of PickCube demo frames)
     drop                     dims fed to the policy as 0 (near-constant in the data: a tilt the demos
                              never show carries no information the policy could have learned to use)
 
@@ -48,9 +52,12 @@ class NormStats:
     std_floor: np.ndarray | None = None
     clip: float | None = None
     drop: tuple[int, ...] = ()
+    clip_low: np.ndarray | None = None
+    clip_high: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        names = [f for f in ("mean", "std", "q01", "q99", "min", "max", "std_floor") if getattr(self, f) is not None]
+        names = [f for f in ("mean", "std", "q01", "q99", "min", "max", "std_floor", "clip_low", "clip_high")
+                 if getattr(self, f) is not None]
         shapes = {k: np.shape(getattr(self, k)) for k in names}
         if len(set(shapes.values())) != 1 or len(shapes["mean"]) != 1:
             raise ValueError(f"NormStats fields must be 1-D and of one length, got {shapes}")
@@ -76,20 +83,28 @@ class NormStats:
                    q99=np.quantile(data, 0.99, axis=0), min=data.min(0), max=data.max(0), **settings)
 
     def robust(self, *, floor_frac: float = 0.0, drop_frac: float = 0.0, clip: float | None = None,
-               mode: NormMode | None = None) -> "NormStats":
+               range_margin: float | None = None, mode: NormMode | None = None) -> "NormStats":
         """These statistics with a std floor, dropped near-constant dims and a clip (METHODS.md §2).
 
         The scale of a dim is its std (z-score) or half its 1st-99th percentile range (quantile); the
         typical scale is their median over dims. A dim whose scale is below `drop_frac` x typical is
         dropped; every scale is floored at `floor_frac` x typical. So a cube tilt of 2 degrees, whose
         quaternion component has std 0.001 in motion-planner demos, is ~1 unit instead of ~17.
+        `range_margin`: each dim is clipped to the data's [min, max] in normalised units, widened by
+        this margin (needs min / max, which `from_data` records).
         """
         mode = mode or self.mode or "zscore"
         scale = self.scale(mode, floored=False)
         typical = float(np.median(scale))
         floor = np.full(self.dim, floor_frac * typical)
         drop = tuple(sorted(set(self.drop) | {int(i) for i in np.flatnonzero(scale < drop_frac * typical)}))
-        return dataclasses.replace(self, mode=mode, std_floor=floor, clip=clip, drop=drop)
+        out = dataclasses.replace(self, mode=mode, std_floor=floor, clip=clip, drop=drop)
+        if range_margin is not None:
+            if self.min is None or self.max is None:
+                raise ValueError("range_margin needs the data's min / max in the stats")
+            low, high = normalize_unclipped(self.min, out, mode), normalize_unclipped(self.max, out, mode)
+            out = dataclasses.replace(out, clip_low=low - range_margin, clip_high=high + range_margin)
+        return out
 
     def scale(self, mode: NormMode, floored: bool = True) -> np.ndarray:
         """Raw units per normalised unit, per dim: std (z-score) or half the q01-q99 range (quantile)."""
@@ -105,7 +120,8 @@ class NormStats:
 
     def to_json(self) -> dict:
         out: dict = {k: np.asarray(getattr(self, k), dtype=np.float64).tolist()
-                     for k in ("mean", "std", "q01", "q99", "min", "max", "std_floor") if getattr(self, k) is not None}
+                     for k in ("mean", "std", "q01", "q99", "min", "max", "std_floor", "clip_low", "clip_high")
+                     if getattr(self, k) is not None}
         if self.mode is not None:
             out["mode"] = self.mode
         if self.clip is not None:
@@ -128,7 +144,8 @@ class NormStats:
         q01 = arr("q01") if "q01" in data else mean - 2.326 * std
         q99 = arr("q99") if "q99" in data else mean + 2.326 * std
         return cls(mean=mean, std=std, q01=q01, q99=q99, min=arr("min"), max=arr("max"), mode=data.get("mode"),
-                   std_floor=arr("std_floor"), clip=data.get("clip"), drop=tuple(int(d) for d in data.get("drop", ())))
+                   std_floor=arr("std_floor"), clip=data.get("clip"), drop=tuple(int(d) for d in data.get("drop", ())),
+                   clip_low=arr("clip_low"), clip_high=arr("clip_high"))
 
 
 def normalize(x: np.ndarray, stats: NormStats, mode: NormMode | None = None) -> np.ndarray:
@@ -142,14 +159,22 @@ def normalize(x: np.ndarray, stats: NormStats, mode: NormMode | None = None) -> 
     if x.shape[-1] != stats.dim:
         raise ValueError(f"normalize: last dim {x.shape[-1]} does not match the stats' {stats.dim}")
     mode = stats.mode or mode or "zscore"
-    scale = stats.scale(mode)
-    out = (x - stats.mean) / scale if mode == "zscore" else (x - stats.q01) / scale - 1.0
-    clip = stats.clip if stats.clip is not None else (1.0 if mode == "quantile" else None)
+    out = normalize_unclipped(x, stats, mode)
+    clip = stats.clip if stats.clip is not None else (1.0 if mode == "quantile" and stats.clip_low is None else None)
     if clip is not None:
         out = np.clip(out, -clip, clip)
+    if stats.clip_low is not None:
+        out = np.clip(out, stats.clip_low, stats.clip_high)
     if stats.drop:
         out[..., list(stats.drop)] = 0.0
     return out
+
+
+def normalize_unclipped(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.ndarray:
+    """The affine part of `normalize`: z-score (x - mean) / scale, quantile (x - q01) / scale - 1."""
+    x = np.asarray(x, dtype=np.float64)
+    scale = stats.scale(mode)
+    return (x - stats.mean) / scale if mode == "zscore" else (x - stats.q01) / scale - 1.0
 
 
 def unnormalize(x: np.ndarray, stats: NormStats, mode: NormMode | None = None) -> np.ndarray:

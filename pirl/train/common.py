@@ -52,14 +52,16 @@ def trainable_parameters(policy: FlowPolicy, which: str) -> list[torch.nn.Parame
 
 
 def dataset_norm_stats(config: ModelConfig, dataset, state_floor_frac: float = 0.0, state_drop_frac: float = 0.0,
-                       state_clip: float | None = None, state_drop: Sequence[int] = ()) -> dict[str, NormStats]:
+                       state_clip: float | None = None, state_drop: Sequence[int] = (),
+                       state_range_margin: float | None = None) -> dict[str, NormStats]:
     """Norm stats of a dataset's raw state / actions, in the model's default mode, the state made robust
     (std floor, dropped near-constant and listed dims, clip: `NormStats.robust`). Actions keep their
     exact scale."""
     mode = "quantile" if config.variant == "pi05" else "zscore"
     state = NormStats.from_data(dataset.reader.state, mode=mode, drop=tuple(int(d) for d in state_drop))
-    if state_floor_frac or state_drop_frac or state_clip is not None:
-        state = state.robust(floor_frac=state_floor_frac, drop_frac=state_drop_frac, clip=state_clip)
+    if state_floor_frac or state_drop_frac or state_clip is not None or state_range_margin is not None:
+        state = state.robust(floor_frac=state_floor_frac, drop_frac=state_drop_frac, clip=state_clip,
+                             range_margin=state_range_margin)
     return {"state": state, "actions": NormStats.from_data(dataset.reader.actions, mode=mode)}
 
 

@@ -73,8 +73,13 @@ class SFTConfig:
     leave the demos' range for reasons the demos never show. On PickCube the finger joint velocities
     (16, 17): in every failed episode of the first robust start they sat at the clip (8-27 demo stds
     raw) while the commanded hand motion collapsed to ~1-2 mm per step (bench/results/README.md)."""
-    state_clip: float | None = 3.0
-    """Normalised state values are clipped to [-clip, clip]; None = no clip."""
+    state_clip: float | None = None
+    """Normalised state values are clipped to [-clip, clip]; None = no symmetric clip. A clip at ±3
+    cut what the demos hold (the cube's height at high goals, 4% of frames), so the default bounds each
+    dim by the data's own range instead (`state_range_margin`)."""
+    state_range_margin: float | None = 0.5
+    """Each normalised state dim is clipped to the demos' [min, max] widened by this many normalised
+    units; None = no per-dim range clip."""
     state_noise: float = 0.0
     """Std of Gaussian noise added to the normalised state during training (augmentation, in
     normalised units; dropped dims stay 0). Makes the policy less sensitive to off-demo states."""
@@ -142,7 +147,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     dataset = SFTChunkDataset(roots, model_cfg.action_horizon,
                               cameras=list(cfg.cameras.values()))
     stats = dataset_norm_stats(model_cfg, dataset, cfg.state_floor_frac, cfg.state_drop_frac, cfg.state_clip,
-                               cfg.state_drop)
+                               cfg.state_drop, cfg.state_range_margin)
     processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out, stats)
     if stats["state"].drop:
         log.info("sft: state dims %s are near-constant in the data and fed as 0", list(stats["state"].drop))

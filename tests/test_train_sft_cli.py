@@ -89,7 +89,8 @@ def test_sft_records_robust_state_normalisation_and_trains_with_state_noise(tmp_
         episodes.append(Episode(prompt="lift the peg", state=state, actions=np.tanh(state[:, :2]), images={}))
     write_lerobot_dataset(str(tmp_path / "data"), episodes, fps=10)
     cfg = SFTConfig(dataset=str(tmp_path / "data"), model=_model_section(state_dim=4), output_dir=str(tmp_path / "sft"),
-                    steps=20, batch_size=16, warmup_steps=2, log_every=10, save_every=100, state_noise=0.1)
+                    steps=20, batch_size=16, warmup_steps=2, log_every=10, save_every=100, state_noise=0.1,
+                    state_clip=None, state_range_margin=0.5)
     final = train_sft(cfg)
     stats = load_norm_stats(final / "norm_stats.json")["state"]
     assert stats.drop == (3,) and stats.clip is None and stats.mode == "zscore"

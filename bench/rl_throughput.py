@@ -84,12 +84,11 @@ def worker_pids(env) -> list[int]:
 
 def machine() -> str:
     """CPU model and the cores this process may run on (what the default layout counts)."""
-    model = ""
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): the table still says the architecture and cores
+        model = "unknown CPU model"
     cores = len(os.sched_getaffinity(0))
     return f"{platform.machine()} {model}, {cores} cores, CPU only, Python {sys.version.split()[0]}"
 

@@ -65,6 +65,8 @@ class NormStats:
             raise ValueError(f"normalisation mode {self.mode!r}: one of {NORM_MODES}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if (self.clip_low is None) != (self.clip_high is None):
+            raise ValueError("clip_low and clip_high go together")
         bad = [d for d in self.drop if not 0 <= d < self.dim]
         if bad:
             raise ValueError(f"drop names dims {bad} outside [0, {self.dim})")
@@ -72,6 +74,10 @@ class NormStats:
     @property
     def dim(self) -> int:
         return len(self.mean)
+
+    def resolved_mode(self, default: NormMode | None = None) -> NormMode:
+        """The recorded mode, else `default` (the model's), else z-score."""
+        return self.mode or default or "zscore"
 
     @classmethod
     def from_data(cls, data: np.ndarray, **settings) -> "NormStats":
@@ -93,7 +99,7 @@ class NormStats:
         `range_margin`: each dim is clipped to the data's [min, max] in normalised units, widened by
         this margin (needs min / max, which `from_data` records).
         """
-        mode = mode or self.mode or "zscore"
+        mode = mode or self.resolved_mode()
         scale = self.scale(mode, floored=False)
         typical = float(np.median(scale))
         floor = np.full(self.dim, floor_frac * typical)
@@ -158,7 +164,7 @@ def normalize(x: np.ndarray, stats: NormStats, mode: NormMode | None = None) -> 
     x = np.asarray(x, dtype=np.float64)
     if x.shape[-1] != stats.dim:
         raise ValueError(f"normalize: last dim {x.shape[-1]} does not match the stats' {stats.dim}")
-    mode = stats.mode or mode or "zscore"
+    mode = stats.resolved_mode(mode)
     out = normalize_unclipped(x, stats, mode)
     clip = stats.clip if stats.clip is not None else (1.0 if mode == "quantile" and stats.clip_low is None else None)
     if clip is not None:
@@ -180,7 +186,7 @@ def normalize_unclipped(x: np.ndarray, stats: NormStats, mode: NormMode) -> np.n
 def unnormalize(x: np.ndarray, stats: NormStats, mode: NormMode | None = None) -> np.ndarray:
     """Inverse of `normalize` on [..., >= d] (extra padded dims are cut); exact where no clip acted."""
     x = np.asarray(x, dtype=np.float64)[..., : stats.dim]
-    mode = stats.mode or mode or "zscore"
+    mode = stats.resolved_mode(mode)
     if mode == "zscore":
         return x * stats.scale(mode) + stats.mean
     return (x + 1.0) * stats.scale(mode) + stats.q01
@@ -202,11 +208,11 @@ def raw_to_normalized_std(raw_std: float | Sequence[float], stats: NormStats, mo
                           ) -> np.ndarray:
     """A std in the env's raw action units (one value, or one per dim) -> normalised units per dim:
     r_i / s_i with s_i the dim's scale (METHODS.md §2 "Exploration in the env's units")."""
-    mode = stats.mode or mode or "zscore"
-    raw = np.broadcast_to(np.asarray(raw_std, dtype=np.float64), (stats.dim,)) if np.ndim(raw_std) == 0 \
-        else np.asarray(raw_std, dtype=np.float64)
+    raw = np.atleast_1d(np.asarray(raw_std, dtype=np.float64))
+    if raw.shape == (1,):
+        raw = np.full(stats.dim, raw[0])
     if raw.shape != (stats.dim,):
         raise ValueError(f"a raw std needs one value or {stats.dim} (one per action dim), got {raw.shape[0]}")
     if np.any(raw < 0):
         raise ValueError(f"a raw std must be >= 0, got {raw.tolist()}")
-    return raw / stats.scale(mode)
+    return raw / stats.scale(stats.resolved_mode(mode))

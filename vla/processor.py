@@ -141,7 +141,7 @@ class Processor:
     def action_scale(self) -> np.ndarray:
         """Raw action units per normalised unit, per real action dim (METHODS.md §2)."""
         stats = self.norm_stats["actions"]
-        return stats.scale(stats.mode or self.norm_mode)
+        return stats.scale(stats.resolved_mode(self.norm_mode))
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
         return normalize(state, self.norm_stats["state"], self.norm_mode).astype(np.float32)

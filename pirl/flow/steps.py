@@ -46,13 +46,11 @@ def noise_estimate(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor) ->
     return x + (1.0 - per_row(t, x)) * v
 
 
-def sde_sigma(t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float | torch.Tensor
-              ) -> float | torch.Tensor:
+def sde_sigma(t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float) -> float | torch.Tensor:
     """Flow-GRPO noise schedule sigma_t = a_noise * sqrt(t / (1 - t)) with the t = 1 cap (METHODS.md §2).
 
     At t = 1 the schedule diverges; the denominator 1 - t is replaced by 1 - t_{k+1} = dt there, so the
-    first step's noise variance sigma_0^2 * d_0 equals a_noise^2. `a_noise` may be a tensor [D] (one
-    level per action dim), which broadcasts against per-row times [N, 1, 1].
+    first step's noise variance sigma_0^2 * d_0 equals a_noise^2.
     """
     if isinstance(t, torch.Tensor) or isinstance(dt, torch.Tensor):
         t = torch.as_tensor(t)
@@ -73,8 +71,7 @@ class StepDistribution(NamedTuple):
 
 
 def sde_step(
-    x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor,
-    a_noise: float | torch.Tensor,
+    x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, dt: float | torch.Tensor, a_noise: float
 ) -> StepDistribution:
     """Flow-SDE transition with the ODE's marginals (METHODS.md §2, Flow-GRPO form).
 
@@ -101,11 +98,8 @@ def squash_log_std(raw: torch.Tensor, std_min: float | torch.Tensor, std_max: fl
 
         log_std = log s_min + (log s_max - log s_min) * (tanh(raw) + 1) / 2
     """
-    if isinstance(std_min, torch.Tensor) or isinstance(std_max, torch.Tensor):
-        log_min = torch.log(torch.as_tensor(std_min, dtype=raw.dtype, device=raw.device))
-        log_max = torch.log(torch.as_tensor(std_max, dtype=raw.dtype, device=raw.device))
-    else:
-        log_min, log_max = math.log(std_min), math.log(std_max)
+    log_min = torch.log(torch.as_tensor(std_min, dtype=raw.dtype, device=raw.device))
+    log_max = torch.log(torch.as_tensor(std_max, dtype=raw.dtype, device=raw.device))
     return log_min + (log_max - log_min) * (torch.tanh(raw) + 1.0) * 0.5
 
 

@@ -127,13 +127,12 @@ class OptimConfig:
     """"expert" (πRL: VLM frozen; expert, projections, heads) or "all"."""
 
 
-def raw_std_to_policy_units(raw_std, action_stats: NormStats | None, action_dim: int) -> Tensor:
+def raw_std_to_policy_units(raw_std: float | tuple[float, ...], action_stats: NormStats | None, action_dim: int) -> Tensor:
     """A std in the env's raw action units (one value or one per real dim) -> normalised units per padded
     dim [D] (METHODS.md §2). Padded dims, which nothing executes, get the smallest real dim's value."""
     if action_stats is None:
         raise ValueError("a std in raw action units needs the policy's action norm stats")
-    raw = raw_std[0] if len(raw_std) == 1 else list(raw_std)
-    std = raw_to_normalized_std(raw, action_stats)
+    std = raw_to_normalized_std(raw_std, action_stats)
     out = torch.full((action_dim,), float(std.min()))
     out[: len(std)] = torch.as_tensor(std, dtype=torch.float32)
     return out
@@ -161,7 +160,7 @@ class Agent(nn.Module):
         if sampler.kind == "flow_noise":
             bounds = (sampler.noise_std_min, sampler.noise_std_max)
             if sampler.noise_bounds_units == "raw":
-                bounds = tuple(raw_std_to_policy_units((b,), action_stats, cfg.action_dim) for b in bounds)
+                bounds = tuple(raw_std_to_policy_units(b, action_stats, cfg.action_dim) for b in bounds)
             noise_head = NoiseHead(cfg.action_dim, hidden_dim=cfg.expert.width, std_min=bounds[0], std_max=bounds[1])
         explore_std = None
         if sampler.explore_std:
@@ -464,7 +463,8 @@ def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec
     [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
     s + i once. Counting whichever episodes finish first instead would favour quick successes. Each
     episode's initial noises come from a generator seeded by its own seed, so an episode's outcome
-    does not depend on how many envs run beside it. Returns the success rate with its 95% Wilson interval and one row per episode (with its seed).
+    does not depend on how many envs run beside it. Returns the success rate with its 95% Wilson
+    interval and one row per episode (with its seed).
     """
     agent.eval()
     device = next(agent.parameters()).device

@@ -134,6 +134,8 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     if not cfg.dataset:
         raise ValueError("sft: dataset= is required (a LeRobot dataset root, e.g. from `pirl demos`)")
+    if cfg.state_noise < 0:
+        raise ValueError(f"sft: state_noise must be >= 0, got {cfg.state_noise}")
     from accelerate.utils import DistributedDataParallelKwargs
 
     # Some weights never reach the loss: the expert reads only the keys/values of the VLM's last layer,
@@ -150,9 +152,8 @@ def train_sft(cfg: SFTConfig) -> Path:
                                cfg.state_drop, cfg.state_range_margin)
     processor, tokenizer_file = make_processor_from_dataset(model_cfg, dataset, cfg.tokenizer, out, stats)
     if stats["state"].drop:
-        log.info("sft: state dims %s are near-constant in the data and fed as 0", list(stats["state"].drop))
-    if cfg.state_noise < 0:
-        raise ValueError(f"sft: state_noise must be >= 0, got {cfg.state_noise}")
+        log.info("sft: state dims %s (near-constant in the data, or in state_drop) are fed as 0",
+                 list(stats["state"].drop))
     state_noise_mask = torch.zeros(model_cfg.state_width)
     state_noise_mask[: stats["state"].dim] = 1.0
     state_noise_mask[list(stats["state"].drop)] = 0.0

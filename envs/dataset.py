@@ -9,7 +9,11 @@ Layout written (LeRobot v3.0, https://huggingface.co/docs/lerobot "LeRobotDatase
                                            dataset_from_index, dataset_to_index, data/..., videos/...
     data/chunk-000/file-000.parquet        one row per frame: observation.state, action,
                                            [observation.images.<cam> as {bytes: PNG, path}],
-                                           timestamp, frame_index, episode_index, index, task_index
+                                           timestamp, frame_index, episode_index, index, task_index,
+                                           [RL columns, when the episodes carry them (`pirl collect`):
+                                           next.reward, next.terminated, next.truncated, next.done,
+                                           next.success (after action t), chunk_start (action t is
+                                           the first of a policy chunk)]
     videos/observation.images.<cam>/chunk-000/file-000.mp4   (image_mode="video": all episodes
                                            concatenated; an episode's frames start at
                                            videos/<key>/from_timestamp)
@@ -51,16 +55,39 @@ def compute_stats(values: np.ndarray) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------------------------------
 # Writer (v3.0)
 # ---------------------------------------------------------------------------------------------
+# Optional per-step RL columns: Episode field -> (parquet column, dtype). Step t's values describe
+# what happened *after* action t (LeRobot's "next." convention).
+STEP_COLUMNS = {
+    "rewards": ("next.reward", np.float32),
+    "terminated": ("next.terminated", np.bool_),
+    "truncated": ("next.truncated", np.bool_),
+    "step_success": ("next.success", np.bool_),
+    "chunk_start": ("chunk_start", np.bool_),
+}
+
+
 @dataclass
 class Episode:
-    """One demonstration: frame t holds the observation before action t."""
+    """One episode: frame t holds the observation before action t.
+
+    Demos carry only observations and actions. RL data (`pirl collect`) also carries, per step t,
+    the reward, termination, truncation (time limit) and success after action t, which actions
+    started a policy chunk, and the observation after the last action (`final_state`), which a
+    critic needs to bootstrap an episode cut by the time limit.
+    """
 
     prompt: str
     state: np.ndarray                      # [T, S] float32
-    actions: np.ndarray                    # [T, D] float32
+    actions: np.ndarray                    # [T, D] float32, raw env units
     images: dict[str, np.ndarray] = field(default_factory=dict)  # cam -> [T, H, W, 3] uint8
     seed: int | None = None
     success: bool = True
+    rewards: np.ndarray | None = None      # [T] float32 reward of step t
+    terminated: np.ndarray | None = None   # [T] bool: step t ended the episode (task success/failure)
+    truncated: np.ndarray | None = None    # [T] bool: step t ended it by the time limit (not a termination)
+    step_success: np.ndarray | None = None  # [T] bool: the task counted as solved after step t
+    chunk_start: np.ndarray | None = None  # [T] bool: action t is the first executed action of a chunk
+    final_state: np.ndarray | None = None  # [S] float32: the observation after the last action
 
     def __post_init__(self):
         self.state = np.asarray(self.state, dtype=np.float32)
@@ -68,6 +95,18 @@ class Episode:
         length = len(self.actions)
         if self.state.shape[0] != length:
             raise ValueError(f"episode: {self.state.shape[0]} states for {length} actions")
+        for name, (_, dtype) in STEP_COLUMNS.items():
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value, dtype=dtype).reshape(-1)
+                if len(value) != length:
+                    raise ValueError(f"episode {name}: {len(value)} values for {length} actions")
+                setattr(self, name, value)
+        if self.final_state is not None:
+            self.final_state = np.asarray(self.final_state, dtype=np.float32).reshape(-1)
+            if self.final_state.shape[0] != self.state.shape[1]:
+                raise ValueError(f"episode final_state: {self.final_state.shape[0]} dims, "
+                                 f"state has {self.state.shape[1]}")
         for cam, frames in self.images.items():
             if frames.shape[0] != length or frames.ndim != 4 or frames.dtype != np.uint8:
                 raise ValueError(f"episode camera {cam}: frames {frames.shape} {frames.dtype}, want [{length}, H, W, 3] uint8")
@@ -115,6 +154,10 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
     for ep in episodes:
         if list(ep.images) != cams or ep.state.shape[1] != state_dim or ep.actions.shape[1] != action_dim:
             raise ValueError("all episodes need the same cameras, state and action sizes")
+    step_fields = [name for name in STEP_COLUMNS if getattr(episodes[0], name) is not None]
+    for name in [*STEP_COLUMNS, "final_state"]:
+        if len({getattr(ep, name) is None for ep in episodes}) > 1:
+            raise ValueError(f"episode field {name!r} is set in some episodes but not in others")
 
     tasks = sorted({ep.prompt for ep in episodes})
     task_index = {t: i for i, t in enumerate(tasks)}
@@ -126,6 +169,8 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
     if image_mode == "video":
         for key in img_key.values():
             del columns[key]
+    for name in step_fields:
+        columns[STEP_COLUMNS[name][0]] = []
     ep_rows = []
     start = 0
     for e, ep in enumerate(episodes):
@@ -140,11 +185,15 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
         columns["episode_index"] += [e] * length
         columns["index"] += list(range(start, start + length))
         columns["task_index"] += [task_index[ep.prompt]] * length
+        for name in step_fields:
+            columns[STEP_COLUMNS[name][0]] += getattr(ep, name).tolist()
         row = {"episode_index": e, "tasks": [ep.prompt], "length": length,
                "dataset_from_index": start, "dataset_to_index": start + length,
                "data/chunk_index": 0, "data/file_index": 0,
                "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
                "seed": -1 if ep.seed is None else int(ep.seed), "success": bool(ep.success)}
+        if ep.final_state is not None:
+            row["final_state"] = ep.final_state.tolist()
         if image_mode == "video":
             for key in img_key.values():
                 row[f"videos/{key}/chunk_index"] = 0
@@ -169,6 +218,12 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
     arrays["timestamp"] = pa.array(columns["timestamp"], type=pa.float32())
     for key in ("frame_index", "episode_index", "index", "task_index"):
         arrays[key] = pa.array(columns[key], type=pa.int64())
+    for name in step_fields:
+        key, dtype = STEP_COLUMNS[name]
+        arrays[key] = pa.array(columns[key], type=pa.float32() if dtype is np.float32 else pa.bool_())
+    if "terminated" in step_fields and "truncated" in step_fields:  # LeRobot's done = either end
+        arrays["next.done"] = pa.array(np.logical_or(columns["next.terminated"], columns["next.truncated"]).tolist(),
+                                       type=pa.bool_())
     pq.write_table(pa.table(arrays), os.path.join(root, "data", "chunk-000", "file-000.parquet"))
 
     if image_mode == "video":
@@ -212,6 +267,8 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
     for key, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
                        ("index", "int64"), ("task_index", "int64")):
         features[key] = {"dtype": dtype, "shape": [1], "names": None}
+    for key in [STEP_COLUMNS[name][0] for name in step_fields] + (["next.done"] if "next.done" in arrays else []):
+        features[key] = {"dtype": "float32" if key == "next.reward" else "bool", "shape": [1], "names": None}
     info = {
         "codebase_version": "v3.0",
         "robot_type": robot_type,
@@ -332,6 +389,19 @@ class LeRobotReader:
                 rows = [json.loads(line) for line in f if line.strip()]
             return {int(r["episode_index"]): r for r in rows}
         return {}
+
+    def column(self, key: str, dtype=None) -> np.ndarray | None:
+        """A per-frame data column [N] (e.g. "next.reward", "chunk_start"), or None if the dataset
+        has none (demos carry no rewards)."""
+        if key not in self._frame.columns:
+            return None
+        values = self._frame[key].to_numpy()
+        return values.astype(dtype) if dtype is not None else values
+
+    def episode_final_state(self, episode: int) -> np.ndarray | None:
+        """The observation after an episode's last action (RL data), or None."""
+        value = self.episode_meta.get(int(episode), {}).get("final_state")
+        return None if value is None else np.asarray(value, dtype=np.float32)
 
     def prompt(self, row: int) -> str:
         if "task" in self._frame.columns:  # some converters store the prompt on every frame

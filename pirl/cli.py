@@ -1,10 +1,14 @@
-"""`pirl` command line: demos | sft | train | eval | import.
+"""`pirl` command line: demos | sft | train | eval | import | collect | critic | serve.
 
     pirl demos --task PickCube-v1 -n 200 --obs-mode state --out data/pickcube     (argparse flags)
     pirl sft dataset=data/pickcube steps=3000                                      (Hydra overrides)
     pirl train experiment=maniskill_pickcube_tiny run.iterations=10
     pirl eval checkpoint=runs/.../checkpoints/iter_000029 episodes=50
+    pirl eval policy=ws://127.0.0.1:8000 episodes=50                              (against a served policy)
     pirl import SRC DST --model pi0 --tokenizer DIR                                (openpi / LeRobot -> pirl)
+    pirl collect checkpoint=DIR env=maniskill_pickcube_state episodes=64 out=data/rollouts
+    pirl critic checkpoint=DIR data=data/rollouts [data=data/pickcube] out=runs/critic
+    pirl serve checkpoint=DIR port=8000 [max_batch=16 api_key=...]                 (openpi websocket server)
 
 Configs live in the repository's configs/ (Hydra). Every key ends in a typed dataclass field: an
 unknown or misspelt key stops the command with the list of valid keys.
@@ -111,32 +115,52 @@ def cmd_eval(argv: list[str]) -> int:
     from vla.checkpoint import load_policy
 
     data = compose("eval", argv)
-    checkpoint = resolve_path(data["checkpoint"])
+    remote = data.get("policy")
+    if bool(remote) == bool(data["checkpoint"]):
+        raise SystemExit("pirl eval: set exactly one of checkpoint=DIR or policy=ws://host:port")
+    checkpoint = resolve_path(data["checkpoint"]) if not remote else None
+    default_out = (Path("runs") / "eval_remote" / remote.split("://")[-1].replace(":", "_").replace("/", "_")
+                   if remote else Path(checkpoint) / "eval")
     env_section = dict(data["env"])
     if data["videos"]:
-        out_dir = Path(data["output_dir"] or Path(checkpoint) / "eval")
+        out_dir = Path(data["output_dir"] or default_out)
         env_section.update(record_video_envs=list(range(min(data["videos"], data["num_envs"]))),
                            video_dir=str(out_dir / "videos"))
-    policy, _ = load_policy(checkpoint)
-    agent = Agent.build(policy, SamplerConfig(num_steps=data["num_steps"]))
-    processor = processor_for(checkpoint, data["camera_map"])
+    agent = processor = actor = None
+    num_steps = data["num_steps"]
+    if remote:  # the same episode loop; actions come from the server (pirl.serve.client.RemoteActor)
+        from pirl.serve.client import RemoteActor
+
+        actor = RemoteActor(remote, api_key=data.get("api_key"), num_envs=data["num_envs"])
+        num_steps = actor.metadata.get("num_steps", num_steps)
+        if actor.metadata.get("action_horizon", data["n_exec"]) < data["n_exec"]:
+            raise SystemExit(f"pirl eval: n_exec={data['n_exec']} > the served action horizon "
+                             f"{actor.metadata['action_horizon']}")
+    else:
+        policy, _ = load_policy(checkpoint)
+        agent = Agent.build(policy, SamplerConfig(num_steps=num_steps))
+        processor = processor_for(checkpoint, data["camera_map"])
     env = make_env(env_section, data["num_envs"], data["seed"])
     try:
         with torch.no_grad():
-            result = evaluate(agent, processor, env, data["episodes"], data["n_exec"], data["num_steps"], data["seed"])
+            result = evaluate(agent, processor, env, data["episodes"], data["n_exec"], num_steps, data["seed"],
+                              actor=actor)
     finally:
         env.close()
-    out_dir = Path(data["output_dir"] or Path(checkpoint) / "eval")
+        if actor is not None:
+            actor.close()
+    out_dir = Path(data["output_dir"] or default_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = env_section.get("task") or env_section.get("suite")
-    summary = {"checkpoint": str(checkpoint), "task": task, "episodes": result["episodes"],
+    summary = {"checkpoint": str(checkpoint) if not remote else actor.metadata.get("checkpoint"),
+               "policy": remote, "task": task, "episodes": result["episodes"],
                "successes": result["successes"], "success_rate": result["success_rate"],
                "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
-               "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": data["num_steps"]}
+               "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps}
     (out_dir / "results.json").write_text(json.dumps({**summary, "per_episode": result["per_episode"]}, indent=2))
     low, high = result["success_ci95"]
     table = ("| task | seeds | K | success | 95% interval | mean return | mean length |\n|---|---|---|---|---|---|---|\n"
-             f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {data['num_steps']} | "
+             f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {num_steps} | "
              f"{result['successes']}/{result['episodes']} = {result['success_rate']:.3f} | [{low:.2f}, {high:.2f}] | "
              f"{result['mean_return']:.3f} | {result['mean_length']:.1f} |\n")
     (out_dir / "results.md").write_text(table)
@@ -167,7 +191,56 @@ def cmd_import(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demos": cmd_demos, "sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "import": cmd_import}
+def cmd_collect(argv: list[str]) -> int:
+    from pirl.collect import CollectConfig, collect
+    from pirl.config import load_section
+
+    data = compose("collect", argv)
+    data["checkpoint"] = resolve_path(data["checkpoint"])
+    try:
+        summary = collect(load_section(CollectConfig, data))
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise SystemExit(f"pirl {err}" if str(err).startswith("collect:") else f"pirl collect: {err}") from None
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_critic(argv: list[str]) -> int:
+    from pirl.config import load_section
+    from pirl.critic.train import CriticTrainConfig, train_critic
+
+    # `data=A data=B` (repeated) or `data=[A,B]`: one list of dataset roots.
+    roots = [a.split("=", 1)[1] for a in argv if a.startswith("data=") and not a.startswith("data=[")]
+    argv = [a for a in argv if not (a.startswith("data=") and not a.startswith("data=["))]
+    if roots:
+        argv.append(f"data=[{','.join(roots)}]")
+    data = compose("critic", argv)
+    data["checkpoint"] = resolve_path(data["checkpoint"])
+    data["data"] = [resolve_path(d) for d in data["data"]]
+    try:
+        out = train_critic(load_section(CriticTrainConfig, data))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"pirl {err}" if str(err).startswith("critic:") else f"pirl critic: {err}") from None
+    print(out)
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from pirl.config import load_section
+    from pirl.serve.config import ServeConfig
+    from pirl.serve.server import run
+
+    data = compose("serve", argv)
+    data["checkpoint"] = resolve_path(data["checkpoint"])
+    if data.get("critic"):
+        data["critic"] = resolve_path(data["critic"])
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    return run(load_section(ServeConfig, data))
+
+
+COMMANDS = {"demos": cmd_demos, "sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "import": cmd_import,
+            "collect": cmd_collect, "critic": cmd_critic,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

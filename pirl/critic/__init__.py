@@ -1,1 +1,2 @@
-"""Value heads (PPO) and, later, the chunked Q critic for guidance (METHODS.md §4-5)."""
+"""Value heads (PPO, `value`) and the chunked Q critic for test-time guidance (`q`: ChunkCritic,
+bind, load_critic; `data`: transitions from LeRobot datasets; `train`: `pirl critic`), METHODS.md §4-5."""

@@ -456,33 +456,109 @@ class LocalLearner:
                 **{k: float(v) for k, v in metrics.items()}}
 
 
+def seeded_noise(seed: int, index: int, horizon: int, action_dim: int) -> Tensor:
+    """The initial noise [H, D] of chunk `index` under `seed`: the `index`-th draw of a CPU generator
+    seeded with `seed`. What `PolicyActor` draws for chunk `index` of an episode reset with that seed,
+    and what a served request with {"seed": seed, "noise_index": index} gets (`pirl.serve`)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(index):
+        torch.randn(horizon, action_dim, generator=generator)
+    return torch.randn(horizon, action_dim, generator=generator)
+
+
+def ode_sample_fn(policy: FlowPolicy, num_steps: int):
+    """The plain policy's sampler for `PolicyActor`: deterministic Euler (ODE) from the given noise."""
+
+    def sample(inputs, noise: Tensor, generators: list[torch.Generator]) -> Tensor:
+        return policy.sample_actions(inputs, noise=noise, num_steps=num_steps)
+
+    return sample
+
+
+class PolicyActor:
+    """Env actions from observations with a policy in this process: the one path from an observation batch
+    to raw actions that `evaluate` and the policy server (`pirl.serve`) share.
+
+        actions(obs, noise, generators) -> float32 [B, H, d] in the env's raw units
+            processor -> sample(inputs, noise, generators) (normalised [B, H, D]) -> unnormalise, cut to d
+
+    `sample` defaults to the ODE sampler (`ode_sample_fn`); a guided sampler plugs in here with the same
+    signature (`generators`: one per row, for any extra randomness a sampler needs, e.g. best-of-N).
+    As an `evaluate` actor: `reset(seeds)` gives row i a generator seeded seeds[i]; each call draws the
+    next [H, D] noise per row (`seeded_noise(seeds[i], k)` for the k-th call).
+
+    Rows are computed batch-invariantly: a row's actions do not depend on what else is in the batch.
+    torch's CPU matmul rounds a single row (M = 1) differently from M >= 2, whose rows agree bit for bit
+    at every size measured (2-64), so a lone row is computed as a batch of two (itself twice).
+    """
+
+    def __init__(self, policy: FlowPolicy, processor: Processor, num_steps: int, sample=None):
+        self.policy, self.processor, self.num_steps = policy, processor, num_steps
+        self.sample = sample or ode_sample_fn(policy, num_steps)
+        self.generators: list[torch.Generator] = []
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return self.policy.config.action_horizon, self.policy.config.action_dim
+
+    def actions(self, obs: dict, noise: Tensor, generators: list[torch.Generator] | None = None) -> np.ndarray:
+        return self.actions_from_inputs(self.processor(obs), noise, generators)
+
+    @torch.no_grad()
+    def actions_from_inputs(self, inputs, noise: Tensor, generators: list[torch.Generator] | None = None
+                            ) -> np.ndarray:
+        """As `actions`, from processed `ModelInputs` (the processor is row-wise: a server processes each
+        request on its own and concatenates)."""
+        device = next(self.policy.parameters()).device
+        inputs = inputs.to(device)
+        b = inputs.batch_size
+        generators = list(generators) if generators is not None else [torch.Generator() for _ in range(b)]
+        if b == 1:  # batch-invariance: see the class docstring
+            inputs = inputs.select(torch.tensor([0, 0], device=device))
+            noise = noise.expand(2, *noise.shape[1:])
+            twin = torch.Generator()
+            twin.set_state(generators[0].get_state())
+            generators = [generators[0], twin]
+        chunk = self.sample(inputs, noise.to(device), generators)[:b]
+        return self.processor.unnormalize_actions(chunk)
+
+    def reset(self, seeds: list[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        horizon, dim = self.chunk_shape
+        noise = torch.stack([torch.randn(horizon, dim, generator=g) for g in self.generators])
+        return self.actions(obs, noise, self.generators)
+
+
 @torch.no_grad()
-def evaluate(agent: Agent, processor: Processor, env: Any, episodes: int, n_exec: int, num_steps: int,
-             seed: int, max_chunks: int = 10_000) -> dict[str, Any]:
+def evaluate(agent: Agent | None, processor: Processor | None, env: Any, episodes: int, n_exec: int, num_steps: int,
+             seed: int, max_chunks: int = 10_000, actor=None) -> dict[str, Any]:
     """Deterministic (ODE) evaluation of exactly the first episode of each seed in
     [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
     s + i once. Counting whichever episodes finish first instead would favour quick successes. Each
     episode's initial noises come from a generator seeded by its own seed, so an episode's outcome
     does not depend on how many envs run beside it. Returns the success rate with its 95% Wilson
     interval and one row per episode (with its seed).
+
+    `actor` (default: `PolicyActor(agent.policy, processor, num_steps)`) turns observations into raw env
+    actions [B, H, d]: `actor.reset(seeds)` at each round, then one call per chunk. A served policy plugs
+    in as `pirl.serve.client.RemoteActor`; `agent` and `processor` are then unused.
     """
-    agent.eval()
-    device = next(agent.parameters()).device
-    cfg = agent.policy.config
+    if actor is None:
+        agent.eval()
+        actor = PolicyActor(agent.policy, processor, num_steps)
     per_episode: dict[int, dict] = {}
     bar = progress_bar(episodes, "eval", unit="episode", leave=False)
     for start in range(seed, seed + episodes, env.num_envs):
         obs = env.reset(start)
-        generators = [torch.Generator().manual_seed(start + i) for i in range(env.num_envs)]
+        actor.reset([start + i for i in range(env.num_envs)])
         pending = set(range(min(env.num_envs, seed + episodes - start)))
         for _ in range(max_chunks):
             if not pending:
                 break
-            inputs = processor(obs).to(device)
-            noise = torch.stack([torch.randn(cfg.action_horizon, cfg.action_dim, generator=g) for g in generators])
-            noise = noise.to(device)
-            chunk = agent.policy.sample_actions(inputs, noise=noise, num_steps=num_steps)
-            obs, _, terminated, truncated, info = env.step_chunk(processor.unnormalize_actions(chunk)[:, :n_exec], n_exec)
+            actions = actor(obs)
+            obs, _, terminated, truncated, info = env.step_chunk(actions[:, :n_exec], n_exec)
             for i in sorted(pending & set(np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)).tolist())):
                 per_episode[start + i] = {"seed": start + i, "success": bool(info["success_once"][i]),
                                           "return": float(info["episode_return"][i]),

@@ -1,0 +1,170 @@
+"""Policy server throughput and latency vs concurrent clients, with and without dynamic batching.
+
+    python bench/serve.py [--duration 8] [--clients 1 4 16 64] [--checkpoint assets/pickcube_tiny_sft_v3]
+
+The server runs as `pirl serve` in its own process (as in deployment); clients are asyncio websocket
+connections in this process, each in a closed loop (send an observation, wait for the actions, repeat)
+with its own seed per request. "one-at-a-time" is the same server with max_batch=1. Writes
+bench/results/serve.json and bench/results/serve.md.
+
+Target (issue 17): at 16 clients, batching gives >= 4x the throughput of one-at-a-time serving at a p99
+latency <= 2x the single-client latency (single client = batching server, 1 client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pirl.serve.protocol import packb, unpackb  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+PROMPT = "pick up the red cube and lift it"
+
+
+def start_server(checkpoint: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port_file = Path(tempfile.mkdtemp()) / "port"
+    cmd = [sys.executable, "-m", "pirl.cli", "serve", f"checkpoint={checkpoint}", "port=0", f"port_file={port_file}",
+           f"max_batch={max_batch}", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not port_file.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+        time.sleep(0.2)
+    return proc, "ws://127.0.0.1:{}".format(port_file.read_text().split()[1])
+
+
+async def client_loop(url: str, index: int, state_dim: int, stop_at: float, warm_until: float, latencies: list):
+    from websockets.asyncio.client import connect
+
+    rng = np.random.default_rng(index)
+    async with connect(url, compression=None, max_size=None, proxy=None) as ws:
+        meta = unpackb(await ws.recv())
+        assert meta["action_horizon"] > 0
+        k = 0
+        while time.perf_counter() < stop_at:
+            req = {"state": rng.normal(size=state_dim).astype(np.float32), "prompt": PROMPT,
+                   "seed": index * 1_000_003 + k}
+            t0 = time.perf_counter()
+            await ws.send(packb(req))
+            reply = await ws.recv()
+            t1 = time.perf_counter()
+            if isinstance(reply, str):
+                raise RuntimeError(reply)
+            if t0 >= warm_until:
+                latencies.append(t1 - t0)
+            k += 1
+
+
+async def measure(url: str, clients: int, state_dim: int, warmup: float, duration: float) -> dict:
+    start = time.perf_counter()
+    warm_until, stop_at = start + warmup, start + warmup + duration
+    latencies: list[float] = []
+    await asyncio.gather(*(client_loop(url, i, state_dim, stop_at, warm_until, latencies) for i in range(clients)))
+    lat = np.asarray(latencies) * 1000
+    return {"clients": clients, "requests": len(lat), "requests_per_s": len(lat) / duration,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(lat.mean())}
+
+
+def server_stats(url: str) -> dict:
+    import http.client
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    conn.request("GET", "/stats")
+    return json.loads(conn.getresponse().read())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="assets/pickcube_tiny_sft_v3")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--num-steps", type=int, default=10)
+    p.add_argument("--state-dim", type=int, default=42)
+    p.add_argument("--out", default=str(RESULTS / "serve"))
+    args = p.parse_args()
+
+    rows = []
+    modes = [("batching", args.max_batch), ("one-at-a-time", 1)]
+    for mode, max_batch in modes:
+        proc, url = start_server(args.checkpoint, max_batch,
+                                 [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}"])
+        try:
+            for n in args.clients:
+                before = server_stats(url)
+                row = asyncio.run(measure(url, n, args.state_dim, args.warmup, args.duration))
+                after = server_stats(url)
+                batches = after["batches"] - before["batches"]
+                row.update(mode=mode, max_batch=max_batch, sampler="ode (plain)",
+                           mean_batch=(after["batched_rows"] - before["batched_rows"]) / max(batches, 1))
+                rows.append(row)
+                print(f"{mode:14s} clients {n:3d}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                      f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    def get(mode, n):
+        return next((r for r in rows if r["mode"] == mode and r["clients"] == n), None)
+
+    single, b16, o16 = get("batching", 1), get("batching", 16), get("one-at-a-time", 16)
+    target = None
+    if single and b16 and o16:
+        speedup = b16["requests_per_s"] / o16["requests_per_s"]
+        p99_ratio = b16["p99_ms"] / single["p50_ms"]
+        target = {"speedup_16_clients": speedup, "p99_16_over_single_latency": p99_ratio,
+                  "p99_16_over_single_p99": b16["p99_ms"] / single["p99_ms"],
+                  "single_client_latency_ms": single["p50_ms"],
+                  "met": bool(speedup >= 4 and p99_ratio <= 2),
+                  "rule": ">= 4x throughput of one-at-a-time at 16 clients, p99 <= 2x the single-client latency "
+                          "(its p50)"}
+    meta = {"checkpoint": args.checkpoint, "num_steps": args.num_steps, "max_batch": args.max_batch,
+            "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+            "load_avg_at_end": os.getloadavg(),
+            "guided": "not run: pirl.guidance is not connected to the server yet (pirl/serve/policy.py:build_sample_fn)"}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "target": target, "rows": rows}, indent=2))
+    lines = [f"# Policy server: throughput and latency vs concurrent clients\n",
+             f"`python bench/serve.py` on {args.checkpoint} (ODE, K={args.num_steps}), server in its own process "
+             f"(torch threads {meta['omp_threads']}), {meta['cpus']} shared CPU cores, asyncio clients in closed loop, "
+             f"{args.duration:.0f} s per point after {args.warmup:.0f} s warm-up; batching = max_batch "
+             f"{args.max_batch}, max_wait {args.max_wait_ms} ms. Load average at the end: "
+             f"{meta['load_avg_at_end'][0]:.1f}.\n",
+             "| mode | clients | req/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['clients']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
+    if target:
+        lines.append(f"\nTarget at 16 clients: throughput {target['speedup_16_clients']:.2f}x one-at-a-time (>= 4x), "
+                     f"p99 {target['p99_16_over_single_latency']:.2f}x the single-client latency "
+                     f"{target['single_client_latency_ms']:.1f} ms (<= 2x): **{'met' if target['met'] else 'not met'}** "
+                     f"(p99 over the single client's p99: {target['p99_16_over_single_p99']:.2f}x).")
+    lines.append(f"\nQGF-guided serving: {meta['guided']}.")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

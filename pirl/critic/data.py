@@ -1,0 +1,300 @@
+"""Critic data: LeRobot datasets -> chunk transitions with frozen policy features (METHODS.md §5).
+
+Any dataset `envs.dataset.LeRobotReader` reads works:
+- RL data from `pirl collect` carries per-step rewards, terminations, truncations, success, the
+  chunk boundaries the policy used, and each episode's final observation;
+- demos (`pirl demos`, or a LeRobot dataset of successful demonstrations) carry none of these: they
+  are read as episodes that terminate with success at their last frame (reward 1 there, 0 before),
+  the sparse reward `reward="success"` gives every dataset.
+
+A transition is a window of h consecutive executed actions of one episode starting at row t:
+(s_t, a_{t:t+h}, r_{t:t+h}, terminated_{t:t+h}, s_{t+h}). Windows start at every step
+(`starts="all"`, Q-chunking's sampling) or only where a policy chunk started (`starts="chunks"`:
+the recorded boundaries, or rows 0, h, 2h, ... of an episode without them). A window that crosses an
+episode end is dropped (METHODS.md §5); one that ends exactly at a termination has m = 0 (nothing to
+bootstrap); one that ends exactly at a time-limit truncation bootstraps from the episode's final
+observation (RL data with state observations), or is dropped when that observation is not stored.
+
+The policy is frozen, so its features of every observation are computed once here, then training
+only runs small MLPs: CPU training of the critic is cheap even when the policy is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pirl.critic.q import policy_features
+from pirl.train.logger import progress_bar
+from vla.policy import FlowPolicy
+from vla.processor import Processor
+
+log = logging.getLogger(__name__)
+
+REWARDS = ("success", "env")
+NO_NEXT = np.iinfo(np.int64).min
+"""`chunk_windows`' marker of a window that ends at a termination (nothing to bootstrap)."""
+
+
+# -- per-step signals -------------------------------------------------------------------------------
+def step_signals(reader, reward: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reward [N] float32, terminated [N] bool, truncated [N] bool) of every row of one dataset.
+
+    reward="env": the recorded env reward (`next.reward`; RL data only). reward="success": 1 at the
+    first step after which the task counts as solved, else 0 (demos: their last frame, if the
+    episode succeeded). Terminations / truncations are the recorded ones; demos terminate at their
+    last frame when successful and are otherwise cut without a stored final observation.
+    """
+    if reward not in REWARDS:
+        raise ValueError(f"critic reward must be one of {REWARDS}, got {reward!r}")
+    n = len(reader)
+    last = np.zeros(n, dtype=bool)
+    ep_success = np.zeros(n, dtype=bool)
+    for ep in reader.episodes:
+        last[ep["to"] - 1] = True
+        meta = reader.episode_meta.get(ep["episode_index"], {})
+        ep_success[ep["from"]:ep["to"]] = bool(meta.get("success", True))
+    terminated = reader.column("next.terminated", bool)
+    if terminated is None:
+        terminated = reader.column("next.done", bool)
+    if terminated is None:
+        terminated = last & ep_success
+    truncated = reader.column("next.truncated", bool)
+    if truncated is None:
+        truncated = np.zeros(n, dtype=bool)
+    if reward == "env":
+        rewards = reader.column("next.reward", np.float32)
+        if rewards is None:
+            raise ValueError(f"{reader.root}: no per-step rewards (next.reward), e.g. demos; use reward=success")
+    else:
+        success = reader.column("next.success", bool)
+        if success is None:
+            success = last & ep_success
+        first = np.zeros(n, dtype=bool)
+        for ep in reader.episodes:
+            hits = np.flatnonzero(success[ep["from"]:ep["to"]])
+            if len(hits):
+                first[ep["from"] + hits[0]] = True
+        rewards = first.astype(np.float32)
+    return rewards.astype(np.float32), terminated, truncated
+
+
+def chunk_windows(episodes: Sequence[tuple[int, int]], terminated: np.ndarray, truncated: np.ndarray,
+                  has_final: Sequence[bool], horizon: int, chunk_start: np.ndarray | None = None,
+                  starts: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Which windows of `horizon` steps are transitions, and what each bootstraps from.
+
+    episodes: (from, to) row ranges; terminated / truncated: [N] per step; has_final[e]: episode e's
+    observation after its last action is stored; chunk_start: [N] recorded chunk boundaries (for
+    starts="chunks"). Returns (start rows [M], next [M]) with next = the row of s_{t+h} (>= 0),
+    -1 - e for episode e's final observation, or NO_NEXT where the window ends at a termination.
+    Windows crossing an episode end, or ending at a truncation without a final observation, are left out.
+    """
+    if starts not in ("all", "chunks"):
+        raise ValueError(f"critic starts must be 'all' or 'chunks', got {starts!r}")
+    ended = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+    rows, nexts = [], []
+    for e, (lo, hi) in enumerate(episodes):
+        if starts == "all":
+            candidates = range(lo, hi - horizon + 1)
+        elif chunk_start is not None:
+            candidates = [t for t in np.flatnonzero(chunk_start[lo:hi]) + lo if t + horizon <= hi]
+        else:
+            candidates = range(lo, hi - horizon + 1, horizon)
+        for t in candidates:
+            if ended[t : t + horizon - 1].any():  # the episode ends inside the window: crosses it
+                continue
+            end = t + horizon
+            if end < hi:
+                nxt = end
+            elif terminated[hi - 1]:
+                nxt = NO_NEXT
+            elif has_final[e]:
+                nxt = -1 - e
+            else:
+                continue  # cut by the time limit (or the recording), nothing stored to bootstrap from
+            rows.append(t)
+            nexts.append(nxt)
+    return np.asarray(rows, dtype=np.int64), np.asarray(nexts, dtype=np.int64)
+
+
+# -- the tensors the trainer reads ---------------------------------------------------------------
+@dataclasses.dataclass
+class CriticData:
+    """Transitions over an observation table (frames of every dataset, then stored final observations).
+
+    features [O, F] raw frozen policy features; state [O, S] normalised real state dims;
+    obs [M] / next_obs [M] rows of that table (next_obs is any valid row where the window ends at a
+    termination: its discount is 0); actions [M, h * d] normalised executed chunk; rewards [M, h];
+    terminated [M, h] (float 0/1); episode [M] a global episode id (for the validation split).
+    """
+
+    features: Tensor
+    state: Tensor
+    obs: Tensor
+    next_obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    terminated: Tensor
+    episode: Tensor
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+    def subset(self, mask: Tensor) -> "CriticData":
+        return dataclasses.replace(self, obs=self.obs[mask], next_obs=self.next_obs[mask], actions=self.actions[mask],
+                                   rewards=self.rewards[mask], terminated=self.terminated[mask],
+                                   episode=self.episode[mask])
+
+    def summary(self) -> dict:
+        done = self.terminated.amax(-1)
+        return {"transitions": len(self), "observations": len(self.features),
+                "episodes": int(self.episode.unique().numel()),
+                "terminal_transitions": int(done.sum()), "mean_chunk_reward": float(self.rewards.sum(-1).mean())
+                if len(self) else 0.0}
+
+
+def _observations(reader, rows: np.ndarray, cameras: dict[str, str]) -> dict:
+    return {"images": {model_cam: np.stack([reader.image(data_cam, int(r)) for r in rows])
+                       for model_cam, data_cam in cameras.items()},
+            "state": reader.state[rows], "prompt": [reader.prompt(int(r)) for r in rows]}
+
+
+@torch.no_grad()
+def observation_features(policy: FlowPolicy, processor: Processor, observations: Sequence[dict], source: str
+                         ) -> tuple[Tensor, Tensor]:
+    """(features [B, F], normalised real state [B, S]) of observation batches (the policy's inputs)."""
+    device = next(policy.parameters()).device
+    feats, states = [], []
+    dims = processor.norm_stats["state"].dim
+    for obs in observations:
+        inputs = processor(obs).to(device)
+        feats.append(policy_features(policy, policy.embed_prefix(inputs), source).cpu())
+        states.append(inputs.state[:, :dims].float().cpu())
+    return torch.cat(feats), torch.cat(states)
+
+
+def dataset_fingerprint(roots: Sequence[str]) -> str:
+    """Identity of datasets for the feature cache: their info.json and data file sizes."""
+    digest = hashlib.sha256()
+    for root in roots:
+        path = Path(root)
+        digest.update((path / "meta" / "info.json").read_bytes())
+        for f in sorted(path.glob("data/**/*.parquet")):
+            digest.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_critic_data(policy: FlowPolicy, processor: Processor, roots: Sequence[str], horizon: int, *,
+                      reward: str = "success", starts: str = "all", cameras: dict | None = None,
+                      feature_source: str = "expert", batch_size: int = 256, cache: Path | None = None,
+                      policy_ident: str = "") -> CriticData:
+    """Reads every dataset, cuts its windows and computes the frozen policy features of every
+    observation once (cached in `cache`, a .pt file, when given; reused only for the same datasets,
+    feature source, cameras and `policy_ident`). One clear error for a missing
+    dataset or one whose state / action sizes do not match the policy's norm stats."""
+    from envs.dataset import LeRobotReader
+
+    cameras = dict(cameras or {})
+    state_dims, action_dims = processor.norm_stats["state"].dim, processor.action_dims
+    readers = []
+    for root in roots:
+        if not (Path(root) / "meta" / "info.json").exists():
+            raise FileNotFoundError(f"critic: no dataset at {root} (no meta/info.json; write one with `pirl collect`)")
+        reader = LeRobotReader(str(root))
+        if reader.state.shape[1] != state_dims or reader.actions.shape[1] != action_dims:
+            raise ValueError(f"critic: {root} has state/action dims {reader.state.shape[1]}/{reader.actions.shape[1]}, "
+                             f"the policy's norm stats have {state_dims}/{action_dims}: another robot or policy")
+        unknown = sorted(set(cameras.values()) - set(reader.camera_keys))
+        if unknown:
+            raise ValueError(f"critic: cameras {unknown} not in {root} (it has {sorted(reader.camera_keys)})")
+        readers.append(reader)
+
+    # Windows and their signals, dataset by dataset; rows offset into one observation table.
+    obs_rows, next_rows, actions, rewards, terms, episode_ids = [], [], [], [], [], []
+    finals: list[np.ndarray] = []  # final states, in table order after all frames
+    final_keys: list[tuple[int, int]] = []
+    total_frames = sum(len(r) for r in readers)
+    offset, episode0 = 0, 0
+    for k, reader in enumerate(readers):
+        r, term, trunc = step_signals(reader, reward)
+        spans = [(ep["from"], ep["to"]) for ep in reader.episodes]
+        # A final observation helps only if the features need nothing but the state (no images stored).
+        final = [None if cameras else reader.episode_final_state(ep["episode_index"]) for ep in reader.episodes]
+        chunk_start = reader.column("chunk_start", bool)
+        start, nxt = chunk_windows(spans, term, trunc, [f is not None for f in final], horizon, chunk_start, starts)
+        ep_of_row = np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
+        final_row = {}
+        for e in sorted({-1 - int(n) for n in nxt if NO_NEXT < n < 0}):
+            final_row[e] = total_frames + len(finals)
+            finals.append(final[e])
+            final_keys.append((k, e))
+        steps = start[:, None] + np.arange(horizon)
+        norm = processor.normalize_actions(reader.actions)[:, :action_dims]
+        obs_rows.append(start + offset)
+        next_rows.append(np.array([n + offset if n >= 0 else (start[i] + offset if n == NO_NEXT else final_row[-1 - n])
+                                   for i, n in enumerate(nxt)], dtype=np.int64))
+        actions.append(norm[steps].reshape(len(start), -1) if len(start) else np.zeros((0, horizon * action_dims)))
+        rewards.append(r[steps] if len(start) else np.zeros((0, horizon)))
+        terms.append(term[steps] if len(start) else np.zeros((0, horizon)))
+        episode_ids.append(ep_of_row[start] + episode0)
+        offset += len(reader)
+        episode0 += len(spans)
+    if not sum(len(o) for o in obs_rows):
+        raise ValueError(f"critic: no transitions of {horizon} steps in {list(roots)} (episodes too short?)")
+
+    key = json.dumps({"policy": policy_ident, "data": dataset_fingerprint(roots), "source": feature_source,
+                      "cameras": cameras,
+                      "frames": total_frames, "finals": final_keys})
+    if cache is not None and cache.exists():
+        stored = torch.load(cache, weights_only=True)
+        if stored.get("key") == key:
+            features, state = stored["features"], stored["state"]
+            log.info("critic: policy features of %d observations from %s", len(features), cache)
+            return _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids)
+
+    def batches():
+        for reader in readers:
+            for lo in range(0, len(reader), batch_size):
+                yield _observations(reader, np.arange(lo, min(lo + batch_size, len(reader))), cameras)
+        for lo in range(0, len(finals), batch_size):
+            part = finals[lo:lo + batch_size]
+            prompts = [readers[k].prompt(readers[k].episodes[e]["from"]) for k, e in final_keys[lo:lo + batch_size]]
+            yield {"images": {}, "state": np.stack(part), "prompt": prompts}
+
+    total = total_frames + len(finals)
+    bar = progress_bar(total, "critic features", unit="obs", leave=False)
+    feats, states = [], []
+    for obs in batches():
+        f, s = observation_features(policy, processor, [obs], feature_source)
+        feats.append(f)
+        states.append(s)
+        bar.update(len(f))
+    bar.close()
+    features, state = torch.cat(feats), torch.cat(states)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save({"key": key, "features": features, "state": state}, tmp)
+        tmp.replace(cache)
+    return _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids)
+
+
+def _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids) -> CriticData:
+    cat = np.concatenate
+    return CriticData(
+        features=features.float(), state=state.float(),
+        obs=torch.from_numpy(cat(obs_rows)), next_obs=torch.from_numpy(cat(next_rows)),
+        actions=torch.from_numpy(cat(actions).astype(np.float32)),
+        rewards=torch.from_numpy(cat(rewards).astype(np.float32)),
+        terminated=torch.from_numpy(cat(terms).astype(np.float32)),
+        episode=torch.from_numpy(cat(episode_ids).astype(np.int64)),
+    )

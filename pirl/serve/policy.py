@@ -1,0 +1,142 @@
+"""What the server runs: a checkpoint turned into one function (observation rows, seeds) -> raw actions.
+
+    ServedPolicy.from_config(cfg)
+        .prepare(request)              -> Prepared (validated, processed row; RequestError if malformed)
+        .infer(prepared rows)          -> float32 [B, H, d] raw actions, one forward pass for the batch
+        .metadata                      -> the dict sent to every client on connect
+
+`infer` goes through `pirl.train.rl_core.PolicyActor`, the same path `pirl eval` uses, with each row's
+initial noise drawn from its own generator (`seeded_noise(seed, noise_index)`), so a request's actions do not
+depend on the other requests batched with it, and equal the local policy's bit for bit (CPU, fp32).
+
+Guidance hook: `build_sample_fn` is the one place where the `guidance` / `critic` options of
+`pirl serve` turn into a sampler; everything else (batching, seeds, unnormalisation) is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pirl.serve.config import ServeConfig
+from pirl.serve.inputs import InputSpec, RequestError
+from pirl.train.rl_core import PolicyActor, ode_sample_fn, seeded_noise
+
+log = logging.getLogger(__name__)
+
+
+def build_sample_fn(policy, processor, num_steps: int, guidance: Any = None, critic: str | None = None):
+    """The sampler `(inputs, noise [B, H, D], generators) -> normalised chunk [B, H, D]` for these options.
+
+    guidance=None: the plain policy's ODE sampler (`pirl eval`'s). GUIDANCE HOOK: a guided sampler from
+    `pirl.guidance` (given the guidance settings, the critic loaded from `critic`, `policy`, `num_steps`)
+    is returned here with the same signature; the prefix is computed once inside it as in `pirl.flow`.
+    """
+    if guidance is None:
+        if critic is not None:
+            raise ValueError("serve: critic= is only used with guidance= (set both or neither)")
+        return ode_sample_fn(policy, num_steps)
+    raise NotImplementedError(
+        f"serve: guidance={guidance!r} is not connected yet: pirl/serve/policy.py:build_sample_fn must build "
+        "the guided sampler from pirl.guidance")
+
+
+def guidance_metadata(guidance: Any, critic: str | None) -> dict | None:
+    if guidance is None:
+        return None
+    return {"settings": guidance, "critic": critic}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One validated request: processed model inputs (batch of 1), its seed and noise index."""
+
+    inputs: Any  # vla.inputs.ModelInputs, batch 1
+    seed: int
+    noise_index: int
+    seed_given: bool
+
+
+class ServedPolicy:
+    def __init__(self, actor: PolicyActor, spec: InputSpec, metadata: dict):
+        self.actor, self.spec, self.metadata = actor, spec, metadata
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> "ServedPolicy":
+        from pirl.train.common import load_bundle
+        from vla.checkpoint import read_metadata
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        policy, processor = load_bundle(cfg.checkpoint, device=cfg.device, precision=cfg.precision)
+        policy.eval()
+        mcfg = policy.config
+        num_steps = cfg.num_steps or mcfg.num_steps
+        meta = read_metadata(cfg.checkpoint)
+        trained = (meta.get("sft_config") or {}).get("cameras") if "sft_config" in meta else None
+        spec = InputSpec.build(cfg.inputs, tuple(mcfg.camera_names), trained, processor.norm_stats["state"].dim,
+                               camera_map=cfg.camera_map, state_key=cfg.state_key, prompt_key=cfg.prompt_key,
+                               default_prompt=cfg.default_prompt, max_image_side=cfg.max_image_side)
+        sample = build_sample_fn(policy, processor, num_steps, cfg.guidance, cfg.critic)
+        actor = PolicyActor(policy, processor, num_steps, sample=sample)
+        metadata = {
+            "server": "pirl",
+            "protocol": "openpi-websocket/msgpack-numpy",
+            "checkpoint": str(cfg.checkpoint),
+            "model": {"variant": mcfg.variant, "action_horizon": mcfg.action_horizon,
+                      "action_dim_padded": mcfg.action_dim, "max_token_len": mcfg.max_token_len,
+                      "image_size": mcfg.vision.image_size, "model_cameras": list(mcfg.camera_names)},
+            "action_horizon": mcfg.action_horizon,
+            "action_dim": processor.action_dims,
+            "actions": "float32 [action_horizon, action_dim] in the robot's raw units (unnormalised)",
+            "num_steps": num_steps,
+            "sampler": "ode" if cfg.guidance is None else "guided",
+            "guidance": guidance_metadata(cfg.guidance, cfg.critic),
+            "inputs": spec.describe(),
+            "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue},
+            "limits": {"max_message_bytes": int(cfg.max_message_mb * 2**20), "max_image_side": cfg.max_image_side},
+            "auth": "api_key" if cfg.api_key else None,
+        }
+        return cls(actor, spec, metadata)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return self.actor.chunk_shape
+
+    def prepare(self, request: Any) -> Prepared:
+        """Validate and process one request (row-wise: the same numbers as inside a batch)."""
+        row, seed, index = self.spec.parse(request)
+        obs = {"images": {c: img[None] for c, img in row["images"].items()}, "state": row["state"][None],
+               "prompt": [row["prompt"]]}
+        try:
+            inputs = self.actor.processor(obs)
+        except (ValueError, KeyError) as err:  # e.g. a prompt longer than max_token_len
+            raise RequestError(str(err).strip("'\"")) from None
+        given = seed is not None
+        return Prepared(inputs, seed if given else secrets.randbits(63), index, given)
+
+    def infer(self, rows: list[Prepared]) -> tuple[np.ndarray, float]:
+        """The batch's raw actions [B, H, d] and the model time in ms."""
+        from pirl.train.batch import stack_inputs
+
+        t0 = time.perf_counter()
+        horizon, dim = self.chunk_shape
+        generators, noises = [], []
+        for r in rows:
+            g = torch.Generator().manual_seed(r.seed)
+            for _ in range(r.noise_index + 1):
+                noise = torch.randn(horizon, dim, generator=g)
+            generators.append(g)
+            noises.append(noise)
+        inputs = rows[0].inputs if len(rows) == 1 else stack_inputs([r.inputs for r in rows])
+        actions = self.actor.actions_from_inputs(inputs, torch.stack(noises), generators)
+        return actions, (time.perf_counter() - t0) * 1000
+
+
+__all__ = ["ServedPolicy", "Prepared", "build_sample_fn", "seeded_noise"]

@@ -1,0 +1,355 @@
+"""The policy server against a real websocket server on localhost (docs/serve.md).
+
+Served actions equal the local policy's bit for bit for the same seed, alone or batched with other
+requests; remote `pirl eval` equals local eval; malformed frames get clear errors and never disturb
+other clients; overload answers busy; API key; graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from pirl.serve.client import RemoteActor, ServerBusy, ServerError, WebsocketClientPolicy, connect, wait_for_health
+from pirl.serve.config import ServeConfig
+from pirl.serve.policy import ServedPolicy
+from pirl.serve.protocol import DecodeError, packb, parse_error, unpackb
+from pirl.serve.server import ServerThread
+from pirl.train.common import load_bundle
+from pirl.train.rl_core import PolicyActor, seeded_noise
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = str(REPO / "assets" / "pickcube_tiny_sft_v3")
+PROMPT = "pick up the red cube and lift it"
+STATE_DIM = 42
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The reference: the same checkpoint loaded separately, acting in this process."""
+    policy, processor = load_bundle(CKPT)
+    policy.eval()
+    return PolicyActor(policy, processor, num_steps=4)
+
+
+def local_actions(actor: PolicyActor, states: np.ndarray, seeds, indices=None, images=None) -> np.ndarray:
+    """Local actions [B, H, d] of a batch of rows with the noise a served request with that seed gets."""
+    cfg = actor.policy.config
+    indices = indices if indices is not None else [0] * len(seeds)
+    noise = torch.stack([seeded_noise(s, k, cfg.action_horizon, cfg.action_dim) for s, k in zip(seeds, indices)])
+    obs = {"images": images or {}, "state": states, "prompt": [PROMPT] * len(states)}
+    return actor.actions(obs, noise)
+
+
+@pytest.fixture(scope="module")
+def server():
+    cfg = ServeConfig(checkpoint=CKPT, port=0, num_steps=4, max_batch=16, max_wait_ms=5.0, max_message_mb=1.0,
+                      max_image_side=256)
+    with ServerThread(ServedPolicy.from_config(cfg), cfg) as st:
+        yield st
+
+
+def request(state, seed=None, index=None, **extra):
+    req = {"state": np.asarray(state, np.float32), "prompt": PROMPT, **extra}
+    if seed is not None:
+        req["seed"] = seed
+    if index is not None:
+        req["noise_index"] = index
+    return req
+
+
+def states(n, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, STATE_DIM)).astype(np.float32)
+
+
+# -- wire format -----------------------------------------------------------------------------------
+def test_codec_is_openpis_encoding_and_refuses_unsafe_arrays():
+    import msgpack
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    raw = msgpack.unpackb(packb({"a": x}), raw=False, strict_map_key=False)["a"]
+    assert raw[b"__ndarray__"] is True and raw[b"dtype"] == "<f4" and list(raw[b"shape"]) == [2, 3]
+    assert raw[b"data"] == x.tobytes()
+    back = unpackb(packb({"a": x, "s": np.float32(2.5), "p": "hi"}))
+    assert np.array_equal(back["a"], x) and back["s"] == np.float32(2.5) and back["p"] == "hi"
+    evil = {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}
+    with pytest.raises(DecodeError, match="refused"):
+        unpackb(msgpack.packb(evil))
+    short = {b"__ndarray__": True, b"data": b"\0" * 7, b"dtype": "<f4", b"shape": [2]}
+    with pytest.raises(DecodeError, match="needs 8 bytes, got 7"):
+        unpackb(msgpack.packb(short))
+    with pytest.raises(DecodeError, match="not valid msgpack"):
+        unpackb(b"\xc1\xc1")
+    assert parse_error("pirl-serve error [busy]: queue full") == ("busy", "queue full")
+
+
+# -- the served policy equals the local one ---------------------------------------------------------
+def test_metadata_and_health(server):
+    with WebsocketClientPolicy(server.url) as client:
+        meta = client.get_server_metadata()
+    assert meta["action_horizon"] == 10 and meta["action_dim"] == 7 and meta["num_steps"] == 4
+    assert meta["model"]["variant"] == "pi0" and meta["inputs"]["state"] == {"key": "state", "dtype": "float32",
+                                                                             "shape": [STATE_DIM]}
+    assert meta["inputs"]["cameras"] == {} and meta["guidance"] is None
+    assert wait_for_health(server.url, timeout_s=5)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server.port, timeout=5)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read() == b"OK\n"
+
+
+def test_served_actions_equal_local_exactly(server, local):
+    s = states(6, seed=1)
+    seeds, indices = [11, 12, 13, 14, 15, 2**62 + 5], [0, 0, 3, 0, 7, 1]
+    expected = local_actions(local, s, seeds, indices)
+    with WebsocketClientPolicy(server.url) as client:
+        for i in range(6):
+            out = client.infer(request(s[i], seeds[i], indices[i]))
+            assert out["actions"].dtype == np.float32 and out["actions"].shape == (10, 7)
+            np.testing.assert_array_equal(out["actions"], expected[i])
+            assert out["seed"] == seeds[i] and out["noise_index"] == indices[i]
+            assert {"infer_ms", "queue_ms", "batch_size"} <= set(out["server_timing"]) and "infer_ms" in out["policy_timing"]
+        # each row alone (batch of one) and inside a local batch agree: the batch does not leak into a row
+        alone = local_actions(local, s[2:3], seeds[2:3], indices[2:3])
+        np.testing.assert_array_equal(alone[0], expected[2])
+        # no seed: the server draws one and returns it, so the request can be replayed exactly
+        first = client.infer(request(s[0]))
+        again = client.infer(request(s[0], first["seed"]))
+        np.testing.assert_array_equal(first["actions"], again["actions"])
+
+
+def test_images_processed_per_request_equal_batched_local(local):
+    """Rows with camera images of different sizes, processed one request at a time by the server and
+    batched, equal the local processor + policy on a batch."""
+    cfg = ServeConfig(checkpoint=CKPT, num_steps=4, camera_map={"base_0_rgb": "images/base_camera"})
+    served = ServedPolicy.from_config(cfg)
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, size=(3, 48, 64, 3), dtype=np.uint8)
+    s = states(3, seed=4)
+    rows = [served.prepare({"images": {"base_camera": imgs[i]}, "state": s[i], "prompt": PROMPT, "seed": 40 + i})
+            for i in range(3)]
+    got, _ = served.infer(rows)
+    actor = PolicyActor(local.policy, type(local.processor)(local.policy.config, local.processor.tokenizer,
+                                                            local.processor.norm_stats,
+                                                            camera_map={"base_0_rgb": "base_camera"}), 4)
+    expected = local_actions(actor, s, [40, 41, 42], images={"base_camera": imgs})
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="missing key 'images/base_camera'"):
+        served.prepare({"state": s[0], "prompt": PROMPT})
+
+
+def test_16_clients_x_50_requests_each_get_their_own_actions(server, local):
+    n_clients, n_requests = 16, 50
+    all_states = states(n_clients * n_requests, seed=7).reshape(n_requests, n_clients, STATE_DIM)
+    seed_of = lambda j, c: 1000 * c + j  # noqa: E731
+    expected = np.stack([local_actions(local, all_states[j], [seed_of(j, c) for c in range(n_clients)])
+                         for j in range(n_requests)])  # [requests, clients, H, d]
+    before = server.server.stats.batches, server.server.stats.batched_rows
+    barrier = threading.Barrier(n_clients)
+
+    def client_loop(c):
+        with WebsocketClientPolicy(server.url) as client:
+            barrier.wait()
+            return [client.infer(request(all_states[j, c], seed_of(j, c)))["actions"] for j in range(n_requests)]
+
+    with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
+        results = list(pool.map(client_loop, range(n_clients)))
+    for c in range(n_clients):
+        for j in range(n_requests):
+            np.testing.assert_array_equal(results[c][j], expected[j, c], err_msg=f"client {c} request {j}")
+    batches = server.server.stats.batches - before[0]
+    rows = server.server.stats.batched_rows - before[1]
+    assert rows == n_clients * n_requests
+    assert rows / batches > 2, f"dynamic batching barely batched: {rows} rows in {batches} batches"
+
+
+# -- malformed input never disturbs other clients --------------------------------------------------
+def raw_connection(url):
+    ws = connect(url, max_size=None)
+    unpackb(ws.recv(timeout=10))  # metadata
+    return ws
+
+
+def ask(ws, frame):
+    ws.send(frame)
+    return ws.recv(timeout=30)
+
+
+@pytest.mark.parametrize("frame, needle", [
+    (b"\xc1\xc1garbage", "not valid msgpack"),
+    ("a text frame", "expected a binary msgpack frame"),
+    (packb([1, 2, 3]), "must be a map"),
+    (packb({"prompt": PROMPT}), "missing key 'state'"),
+    (packb({"state": np.zeros(STATE_DIM, np.float32)}), "missing key 'prompt'"),
+    (packb({"state": np.zeros(STATE_DIM + 1, np.float32), "prompt": PROMPT}), "'state' has shape (43,); expected (42,)"),
+    (packb({"state": np.zeros(STATE_DIM, np.int64), "prompt": PROMPT}), "'state' has dtype int64"),
+    (packb({"state": np.full(STATE_DIM, np.nan, np.float32), "prompt": PROMPT}), "non-finite values"),
+    (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": 5}), "'prompt' must be a string"),
+    (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": "cube " * 200}), "max_token_len"),
+    (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": PROMPT, "seed": "x"}), "'seed' must be an int"),
+    (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": PROMPT, "seed": -1}), "'seed' = -1 is outside"),
+])
+def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, local, frame, needle):
+    ws = raw_connection(server.url)
+    reply = ask(ws, frame)
+    assert isinstance(reply, str)
+    code, message = parse_error(reply)
+    assert code == "bad_request" and needle in message, message
+    # the same connection stays usable, and another client is answered correctly
+    expected = local_actions(local, states(1, seed=9), [99])[0]
+    good = unpackb(ask(ws, packb(request(states(1, seed=9)[0], 99))))
+    np.testing.assert_array_equal(good["actions"], expected)
+    ws.close()
+    with WebsocketClientPolicy(server.url) as other:
+        np.testing.assert_array_equal(other.infer(request(states(1, seed=9)[0], 99))["actions"], expected)
+
+
+def test_oversized_frame_and_image_and_disconnect_mid_request(server, local):
+    expected = local_actions(local, states(1, seed=9), [99])[0]
+    # a frame over max_message_mb (1 MB here) closes that connection with 1009 (message too big)
+    ws = raw_connection(server.url)
+    ws.send(packb(request(states(1)[0], 1, blob=np.zeros(2 * 2**20, np.uint8))))
+    with pytest.raises(ConnectionClosed) as err:
+        ws.recv(timeout=10)
+    assert err.value.rcvd is not None and err.value.rcvd.code == 1009
+    # clients that disconnect right after sending: the server drops or discards their answers
+    for _ in range(3):
+        ws = raw_connection(server.url)
+        ws.send(packb(request(states(1)[0], 5)))
+        ws.close()
+    with WebsocketClientPolicy(server.url) as other:
+        np.testing.assert_array_equal(other.infer(request(states(1, seed=9)[0], 99))["actions"], expected)
+    assert server.server._outstanding == 0 or wait_until(lambda: server.server._outstanding == 0)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_oversized_image_is_named():
+    cfg = ServeConfig(checkpoint=CKPT, num_steps=4, inputs="maniskill", max_image_side=64)
+    served = ServedPolicy.from_config(cfg)  # the state-only checkpoint: the preset keeps no camera ...
+    assert served.spec.cameras == {} and served.spec.state_key == "observation/state"
+    cfg = ServeConfig(checkpoint=CKPT, num_steps=4, camera_map={"base_0_rgb": "observation/image"}, max_image_side=64)
+    served = ServedPolicy.from_config(cfg)  # ... unless asked for one
+    big = {"observation/image": np.zeros((65, 40, 3), np.uint8), "state": np.zeros(STATE_DIM, np.float32),
+           "prompt": PROMPT}
+    with pytest.raises(ValueError, match=r"'observation/image' is 65x40 pixels; each side must be in \[1, 64\]"):
+        served.prepare(big)
+    with pytest.raises(ValueError, match="'observation/image' has dtype float32"):
+        served.prepare({**big, "observation/image": np.zeros((8, 8, 3), np.float32)})
+
+
+# -- overload, auth, shutdown ------------------------------------------------------------------------
+class SlowPolicy:
+    """A stand-in policy: 0.3 s per batch, echoes the request's value."""
+
+    metadata = {"server": "test"}
+
+    def prepare(self, request):
+        return request["x"]
+
+    def infer(self, rows):
+        time.sleep(0.3)
+        return np.asarray(rows, np.float32)[:, None], 300.0
+
+
+def test_full_queue_answers_busy_and_api_key_is_enforced():
+    cfg = ServeConfig(checkpoint="-", port=0, max_batch=1, max_queue=1, max_wait_ms=0, api_key="sesame")
+    with ServerThread(SlowPolicy(), cfg) as st:
+        with pytest.raises(InvalidStatus) as err:
+            WebsocketClientPolicy(st.url, wait_s=1)
+        assert err.value.response.status_code == 401
+        assert wait_for_health(st.url, timeout_s=5)  # health needs no key
+        clients = [WebsocketClientPolicy(st.url, api_key="sesame") for _ in range(5)]
+
+        def one(i):
+            try:
+                return float(clients[i].infer({"x": float(i)})["actions"][0])
+            except ServerBusy:
+                return "busy"
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            out = list(pool.map(one, range(5)))
+        assert "busy" in out, out  # 1 running + 1 queued; the rest are turned away at once
+        assert all(o == "busy" or o == i for i, o in enumerate(out)), out
+        assert clients[0].infer({"x": 7.0})["actions"][0] == 7.0  # and it serves again
+        for c in clients:
+            c.close()
+
+
+def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, local):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pirl.cli", "serve", f"checkpoint={CKPT}", "port=0", f"port_file={port_file}",
+         "num_steps=4", "max_batch=4", "max_wait_ms=1500"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(port_file.exists, timeout=120), proc.stdout.read().decode() if proc.poll() else "no port"
+        url = "ws://127.0.0.1:{}".format(port_file.read_text().split()[1])
+        clients = [WebsocketClientPolicy(url) for _ in range(4)]
+        idle = WebsocketClientPolicy(url)  # keeps the batcher waiting for company (max_wait_ms)
+        s = states(3, seed=11)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(clients[i].infer, request(s[i], 500 + i)) for i in range(3)]
+            time.sleep(0.5)  # the three requests are queued; the batch has not run yet
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in futures]
+        expected = local_actions(local, s, [500, 501, 502])
+        for i in range(3):
+            np.testing.assert_array_equal(results[i]["actions"], expected[i])
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises((ConnectionClosed, ServerError)):
+            clients[3].infer(request(s[0], 1))
+        idle.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- remote evaluation -------------------------------------------------------------------------------
+@pytest.mark.sim
+def test_remote_eval_equals_local_eval(server):
+    """`pirl eval policy=ws://...` runs the same episode loop with a RemoteActor: same per-episode table."""
+    from pirl.train.rl import make_env
+    from pirl.train.rl_core import evaluate
+
+    policy, processor = load_bundle(CKPT)
+    env = make_env({"simulator": "maniskill", "task": "PickCube-v1", "backend": "cpu", "obs_mode": "state",
+                    "control_mode": "pd_ee_delta_pose", "reward_mode": "normalized_dense", "max_episode_steps": 50,
+                    "envs_per_process": 2}, 2, 0)
+    try:
+        from pirl.train.rl_core import Agent, SamplerConfig
+
+        agent = Agent.build(policy, SamplerConfig(num_steps=4))
+        local_result = evaluate(agent, processor, env, 4, 5, 4, EVAL_SEED)
+        actor = RemoteActor(server.url, num_envs=2)
+        try:
+            remote_result = evaluate(None, None, env, 4, 5, 4, EVAL_SEED, actor=actor)
+        finally:
+            actor.close()
+    finally:
+        env.close()
+    assert remote_result["per_episode"] == local_result["per_episode"]
+    assert remote_result["successes"] == local_result["successes"]
+    assert 0 < local_result["successes"] < local_result["episodes"], local_result["per_episode"]
+
+
+EVAL_SEED = 0  # seeds 0-3: seed 2 succeeds at K=4, the others fail (a table with both outcomes)

@@ -107,14 +107,32 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def guided_sampler(data: dict, policy, processor, checkpoint: str, num_steps: int):
+    """The eval config's guidance section -> a `pirl.guidance.GuidedSampler` (None for method none)."""
+    from pirl.critic.q import load_critic
+    from pirl.guidance.actor import GuidedSampler, guidance_config
+
+    action_mode = processor.norm_stats["actions"].resolved_mode(processor.norm_mode)
+    cfg = guidance_config(data["guidance"], action_mode)
+    if cfg.method == "none":
+        if data.get("critic"):
+            raise SystemExit("pirl eval: critic= is only used with guidance= (e.g. guidance=qgf guidance.weight=0.1)")
+        return None
+    if not data.get("critic"):
+        raise SystemExit(f"pirl eval: guidance={cfg.method} needs critic=DIR (a critic written by `pirl critic`)")
+    critic = load_critic(resolve_path(data["critic"]), policy, policy_checkpoint=checkpoint)
+    return GuidedSampler(policy, critic, cfg, num_steps)
+
+
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from pirl.train.rl import make_env, processor_for
-    from pirl.train.rl_core import Agent, SamplerConfig, evaluate
+    from pirl.train.rl_core import Agent, PolicyActor, SamplerConfig, evaluate
     from vla.checkpoint import load_policy
 
     data = compose("eval", argv)
+    guided = None
     remote = data.get("policy")
     if bool(remote) == bool(data["checkpoint"]):
         raise SystemExit("pirl eval: set exactly one of checkpoint=DIR or policy=ws://host:port")
@@ -131,6 +149,8 @@ def cmd_eval(argv: list[str]) -> int:
     if remote:  # the same episode loop; actions come from the server (pirl.serve.client.RemoteActor)
         from pirl.serve.client import RemoteActor
 
+        if data["guidance"]["method"] != "none" or data.get("critic"):
+            raise SystemExit("pirl eval: with policy=ws://... guidance runs on the server (pirl serve guidance=...)")
         actor = RemoteActor(remote, api_key=data.get("api_key"), num_envs=data["num_envs"])
         num_steps = actor.metadata.get("num_steps", num_steps)
         if actor.metadata.get("action_horizon", data["n_exec"]) < data["n_exec"]:
@@ -140,6 +160,9 @@ def cmd_eval(argv: list[str]) -> int:
         policy, _ = load_policy(checkpoint)
         agent = Agent.build(policy, SamplerConfig(num_steps=num_steps))
         processor = processor_for(checkpoint, data["camera_map"])
+        guided = guided_sampler(data, policy, processor, checkpoint, num_steps)
+        if guided is not None:
+            actor = PolicyActor(policy, processor, num_steps, sample=guided)
     env = make_env(env_section, data["num_envs"], data["seed"])
     try:
         with torch.no_grad():
@@ -147,7 +170,7 @@ def cmd_eval(argv: list[str]) -> int:
                               actor=actor)
     finally:
         env.close()
-        if actor is not None:
+        if remote:
             actor.close()
     out_dir = Path(data["output_dir"] or default_out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,11 +179,18 @@ def cmd_eval(argv: list[str]) -> int:
                "policy": remote, "task": task, "episodes": result["episodes"],
                "successes": result["successes"], "success_rate": result["success_rate"],
                "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
-               "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps}
+               "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps,
+               "guidance": data["guidance"], "critic": data.get("critic"),
+               "guidance_cost": guided.totals.per_chunk() if guided is not None else None,
+               "guidance_ratio_per_step": guided.totals.ratio_median_per_step if guided is not None else None}
     (out_dir / "results.json").write_text(json.dumps({**summary, "per_episode": result["per_episode"]}, indent=2))
     low, high = result["success_ci95"]
-    table = ("| task | seeds | K | success | 95% interval | mean return | mean length |\n|---|---|---|---|---|---|---|\n"
-             f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {num_steps} | "
+    g = data["guidance"]
+    method = g["method"] + (f" w={g['weight']}" if "weight" in g else "") + (f" N={g['n']}" if "n" in g else "")
+    cost = f"{guided.totals.per_chunk()['ms_per_chunk']:.1f}" if guided is not None else "-"
+    table = ("| task | seeds | K | guidance | ms/chunk | success | 95% interval | mean return | mean length |\n"
+             "|---|---|---|---|---|---|---|---|---|\n"
+             f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {num_steps} | {method} | {cost} | "
              f"{result['successes']}/{result['episodes']} = {result['success_rate']:.3f} | [{low:.2f}, {high:.2f}] | "
              f"{result['mean_return']:.3f} | {result['mean_length']:.1f} |\n")
     (out_dir / "results.md").write_text(table)

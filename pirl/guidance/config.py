@@ -23,6 +23,13 @@ _USES = {
 }
 
 
+def fields_used(method: str) -> tuple[str, ...]:
+    """The GuidanceConfig fields `method` reads (the others must stay at their defaults)."""
+    if method not in _USES:
+        raise ValueError(f"GuidanceConfig: method must be one of {METHODS}, got {method!r}")
+    return _USES[method]
+
+
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Test-time guidance of the ODE sampler with a critic Q (METHODS.md §5).

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +63,59 @@ def resolve_path(path: str | None) -> str | None:
         return path
     candidate = REPO / path
     return str(candidate) if candidate.exists() else path
+
+
+def _given_keys(argv: list[str]) -> set[str]:
+    """The config keys (dotted) and groups the command line sets."""
+    return {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
+def _get_dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def checkpoint_defaults(command: str, data: dict, argv: list[str], checkpoint: str, targets: dict[str, str]
+                        ) -> list[str]:
+    """Fills `data` with the checkpoint's recorded rollout settings (rollout.json: env, num_steps,
+    n_exec, camera_map -> the config keys in `targets`) where the command line did not set them; prints
+    one line naming what came from the checkpoint and returns those keys."""
+    from vla.checkpoint import read_rollout
+
+    rollout = read_rollout(checkpoint)
+    given = _given_keys(argv)
+    applied: list[str] = []
+    for key, dest in targets.items():
+        if key not in rollout:
+            continue
+        if key == "env":
+            if "env" in given:  # another env group chosen: none of the checkpoint's env applies
+                continue
+            current, recorded = dict(data["env"]), rollout["env"]
+            same_sim = recorded.get("simulator", current.get("simulator")) == current.get("simulator")
+            merged = {**(current if same_sim else {}), **recorded}
+            for o in sorted(given):
+                if o.startswith("env."):
+                    _set_dotted(merged, o[4:], _get_dotted(data["env"], o[4:]))
+            applied += [f"env.{k}={merged[k]}" for k in recorded
+                        if f"env.{k}" not in given and current.get(k) != merged[k]]
+            data["env"] = merged
+        elif dest not in given:
+            if _get_dotted(data, dest) != rollout[key]:
+                applied.append(f"{dest}={rollout[key]}")
+            _set_dotted(data, dest, rollout[key])
+    if applied:
+        print(f"pirl {command}: from {checkpoint}/rollout.json (the settings it was trained with): "
+              f"{', '.join(applied)}; set any on the command line to override")
+    return applied
 
 
 def compose_train(overrides: list[str]) -> RLConfig:
@@ -137,6 +191,9 @@ def cmd_eval(argv: list[str]) -> int:
     if bool(remote) == bool(data["checkpoint"]):
         raise SystemExit("pirl eval: set exactly one of checkpoint=DIR or policy=ws://host:port")
     checkpoint = resolve_path(data["checkpoint"]) if not remote else None
+    from_checkpoint = (checkpoint_defaults("eval", data, argv, checkpoint,
+                                           {"env": "env", "num_steps": "num_steps", "n_exec": "n_exec",
+                                            "camera_map": "camera_map"}) if checkpoint else [])
     default_out = (Path("runs") / "eval_remote" / remote.split("://")[-1].replace(":", "_").replace("/", "_")
                    if remote else Path(checkpoint) / "eval")
     env_section = dict(data["env"])
@@ -180,6 +237,8 @@ def cmd_eval(argv: list[str]) -> int:
                "successes": result["successes"], "success_rate": result["success_rate"],
                "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
                "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps,
+               "n_exec": data["n_exec"], "max_episode_steps": env_section.get("max_episode_steps"),
+               "defaults_from_checkpoint": from_checkpoint,
                "guidance": data["guidance"], "critic": data.get("critic"),
                "guidance_cost": guided.totals.per_chunk() if guided is not None else None,
                "guidance_ratio_per_step": guided.totals.ratio_median_per_step if guided is not None else None}
@@ -212,12 +271,15 @@ def cmd_import(argv: list[str]) -> int:
     args = p.parse_args(argv)
     policy, stats, report = import_checkpoint(args.source, build_model_config(args.model), asset_id=args.asset_id)
     if stats is None:
-        raise SystemExit(f"{args.source} has no norm stats; a policy needs them to act")
+        raise SystemExit(f"pirl import: {args.source} has no norm stats (no assets/*/norm_stats.json, norm_stats.json "
+                         "or LeRobot policy_preprocessor.json); a policy needs them to act")
     tok = Path(args.tokenizer)
     save_policy(args.dest, policy, stats, tokenizer_file=tok / "tokenizer.model" if tok.is_dir() else tok,
                 metadata={"imported_from": str(args.source), "format": report.format,
                           "unused_weights": report.unused_keys})
-    print(f"pirl import: {report.format} checkpoint -> {args.dest}; unused weights dropped: {report.unused_keys}")
+    print(f"pirl import: {report.format} checkpoint -> {args.dest}; norm stats from {report.norm_stats_file}; "
+          f"image resize antialias={policy.config.image_resize_antialias} (as {report.format}); "
+          f"unused weights dropped: {report.unused_keys}")
     return 0
 
 
@@ -227,6 +289,8 @@ def cmd_collect(argv: list[str]) -> int:
 
     data = compose("collect", argv)
     data["checkpoint"] = resolve_path(data["checkpoint"])
+    checkpoint_defaults("collect", data, argv, data["checkpoint"],
+                        {"env": "env", "num_steps": "sampler.num_steps", "n_exec": "n_exec", "camera_map": "camera_map"})
     try:
         summary = collect(load_section(CollectConfig, data))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
@@ -262,6 +326,12 @@ def cmd_serve(argv: list[str]) -> int:
 
     data = compose("serve", argv)
     data["checkpoint"] = resolve_path(data["checkpoint"])
+    checkpoint_defaults("serve", data, argv, data["checkpoint"], {"num_steps": "num_steps"})
+    if data["inputs"] == "pirl" and "camera_map" not in _given_keys(argv):  # model camera -> request key
+        from vla.checkpoint import read_rollout
+
+        cameras = read_rollout(data["checkpoint"]).get("camera_map") or {}
+        data["camera_map"] = data["camera_map"] or {m: f"images/{e}" for m, e in cameras.items()}
     if data.get("critic"):
         data["critic"] = resolve_path(data["critic"])
     logging.getLogger("websockets").setLevel(logging.WARNING)
@@ -273,13 +343,122 @@ COMMANDS = {"demos": cmd_demos, "sft": cmd_sft, "train": cmd_train, "eval": cmd_
             "serve": cmd_serve}
 
 
+class UserError(SystemExit):
+    """A mistake in what the user asked for: its one-line message was printed; exit status 2.
+    (str(err) is the message, `code` is 2.)"""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+# Config file name of each Hydra command (for the list of valid keys).
+_HYDRA_CONFIGS = {"sft": "sft", "train": "train", "eval": "eval", "collect": "collect", "critic": "critic",
+                  "serve": "serve"}
+
+
+def _valid_keys(command: str) -> list[str]:
+    """Every dotted key of the command's composed default config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = hydra_compose(config_name=_HYDRA_CONFIGS[command], overrides=[])
+    data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    keys: list[str] = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            keys.append(prefix + str(k))
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+    walk(data, "")
+    return keys
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    import difflib
+
+    last = {c: c.rsplit(".", 1)[-1] for c in choices}
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    close += [c for c in difflib.get_close_matches(word.rsplit(".", 1)[-1], list(set(last.values())), n=3, cutoff=0.6)
+              for c in [next(k for k, v in last.items() if v == c)] if c not in close]
+    return f"; did you mean {' or '.join(close[:3])}?" if close else ""
+
+
+def user_error_line(command: str, err: BaseException) -> str | None:
+    """One line (what is wrong, where, how to fix it) for a mistake of the user's; None for a bug."""
+    import errno
+
+    text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    hydra_type = type(err).__module__.split(".")[0] in ("hydra", "omegaconf")
+    if isinstance(err, UserError):
+        return None
+    if isinstance(err, SystemExit):
+        if not isinstance(err.code, str):
+            return None
+        text = " ".join(err.code.split())
+    elif hydra_type:
+        missing_option = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", str(err))
+        bad_key = (re.search(r"Could not override '([^']+)'", str(err))
+                   or re.search(r"Key '([^']+)' is not in struct", str(err)))
+        if missing_option:
+            group, option = missing_option.groups()
+            options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+            text = f"unknown {group} option {option!r}; choose one of {options} (configs/{group}/)"
+        elif bad_key and command in _HYDRA_CONFIGS:
+            key = bad_key.group(1)
+            text = f"unknown config key {key!r}{_closest(key, _valid_keys(command))} (`pirl {command} --help` lists the keys)"
+        else:
+            text = f"bad command-line override: {' '.join(str(err).split())}"
+    elif isinstance(err, OSError) and err.errno == errno.EADDRINUSE:
+        text = f"{text}; pick another port= (port=0 takes a free one)"
+    elif isinstance(err, OSError) and isinstance(err, FileNotFoundError | FileExistsError | NotADirectoryError |
+                                                 IsADirectoryError | PermissionError):
+        if err.filename and not text.startswith(("checkpoint", "critic", "collect")):
+            text = f"{err.strerror}: {err.filename}" if err.strerror else text
+    elif isinstance(err, ValueError | KeyError):
+        if getattr(err, "one_line", None):
+            text = err.one_line
+        unknown = re.match(r"unknown config key\(s\)(?: in (\S+))?: \[(.*?)\]; valid keys: \[(.*)\]", text)
+        if unknown:
+            where = unknown.group(1) or ""
+            names = [n.strip(" '") for n in unknown.group(2).split(",")]
+            valid = [where + n.strip(" '") for n in unknown.group(3).split(",")]
+            text = (f"unknown config key {where + names[0]!r}{_closest(where + names[0], valid)} "
+                    f"(`pirl {command} --help` lists the keys)")
+    else:
+        return None
+    return text if text.startswith("pirl ") else f"pirl {command}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user mistake prints one line on stderr and raises `UserError` (exit status 2);
+    PIRL_DEBUG=1 re-raises the original exception instead (its traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"pirl: unknown command {argv[0]!r}; one of {sorted(COMMANDS)}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command in _HYDRA_CONFIGS and any(a in ("-h", "--help") for a in rest):
+        from pirl.cli_help import command_help
+
+        print(command_help(command))
+        return 0
     _setup_logging()
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[command](rest)
+    except (Exception, SystemExit) as err:
+        line = user_error_line(command, err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        if os.environ.get("PIRL_DEBUG"):
+            raise
+        raise UserError(line) from None
 
 
 if __name__ == "__main__":

@@ -154,8 +154,8 @@ def test_cli_eval_of_the_shipped_policy(tmp_path, capsys):
 def test_cli_usage_and_errors(capsys):
     assert main([]) == 2
     assert "pirl train" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="not set"):
-        main(["eval"])  # checkpoint is required
+    with pytest.raises(SystemExit, match="exactly one of checkpoint=DIR or policy="):
+        main(["eval"])  # a checkpoint (or a served policy) is required
 
 
 _DDP_SCRIPT = '''

@@ -87,6 +87,10 @@ class ModelConfig:
     # Sinusoidal time-embedding periods (openpi).
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
+    # Image preprocessing convention (vla.processor.resize_with_pad): True = pirl's antialiased bilinear
+    # downscale (what pirl-trained checkpoints saw); False = openpi's PyTorch port and LeRobot (plain
+    # bilinear, no antialiasing). `pirl import` records False for openpi / LeRobot / transformers files.
+    image_resize_antialias: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in ("pi0", "pi05"):

@@ -2,7 +2,8 @@
 
 Observation contract (DESIGN.md): {"images": {cam: uint8 [B, H, W, 3]}, "state": float32 [B, S],
 "prompt": list[str]}. Transforms, each small and testable:
-- images: resize with padding to the model's square size (aspect kept, black bars), scale to [-1, 1];
+- images: resize with padding to the model's square size (aspect kept, black bars), scale to [-1, 1],
+  with or without antialiasing as the checkpoint's home framework did (`ModelConfig.image_resize_antialias`);
   a camera absent from the observation becomes a black image with its mask False;
 - state / actions: normalised with dataset statistics (`vla.normalize.NormStats`: z-score for π0,
   1st-99th percentile to [-1, 1] for π0.5, std floors, clipping and dropped dims as recorded in
@@ -35,8 +36,14 @@ def pad_last(x: np.ndarray, dim: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((*x.shape[:-1], dim - x.shape[-1]), dtype=x.dtype)], -1)
 
 
-def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, size, size] in [-1, 1]; aspect kept, padding is black (-1)."""
+def resize_with_pad(images: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, size, size] in [-1, 1]; aspect kept, padding is black (-1).
+
+    Bilinear (align_corners=False) to the largest size that fits, centred. antialias: True is pirl's
+    convention (`ModelConfig.image_resize_antialias`, what pirl-trained checkpoints saw); openpi's
+    PyTorch port and LeRobot resize without antialiasing, so imported checkpoints use False. The two
+    differ only when an image is downscaled.
+    """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
     b, h, w, _ = images.shape
@@ -44,7 +51,7 @@ def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=antialias).clamp(-1, 1)
     top, left = (size - nh) // 2, (size - nw) // 2
     out = torch.full((b, 3, size, size), -1.0)
     out[:, :, top : top + nh, left : left + nw] = x
@@ -185,7 +192,7 @@ class Processor:
                 frames = torch.as_tensor(np.asarray(obs["images"][key]))
                 if frames.shape[0] != b:
                     raise ValueError(f"camera {cam!r} has {frames.shape[0]} frames for a batch of {b}")
-                images[:, i] = resize_with_pad(frames, size)
+                images[:, i] = resize_with_pad(frames, size, antialias=cfg.image_resize_antialias)
                 image_masks[:, i] = True
         norm_state = self.normalize_state(state)
         bins = discretize_state(norm_state, cfg.state_bins) if cfg.variant == "pi05" else None

@@ -275,8 +275,12 @@ def file_ident(checkpoint: str | os.PathLike) -> str:
 
 
 def policy_config_dict(policy: FlowPolicy) -> dict:
-    """The policy's model config as plain JSON data (what critic.json stores)."""
-    return json.loads(json.dumps(dataclasses.asdict(policy.config), default=str))
+    """The policy's model config as plain JSON data (what critic.json stores). The image convention is
+    left out at its default, so critics written before `image_resize_antialias` existed still match."""
+    data = json.loads(json.dumps(dataclasses.asdict(policy.config), default=str))
+    if data.get("image_resize_antialias") is True:
+        del data["image_resize_antialias"]
+    return data
 
 
 def _atomic_write(path: Path, write) -> None:

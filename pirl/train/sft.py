@@ -26,7 +26,7 @@ from pirl.train.common import (
     trainable_parameters,
 )
 from pirl.train.logger import logging_redirect_tqdm, progress_bar
-from vla.checkpoint import import_checkpoint, save_policy
+from vla.checkpoint import import_checkpoint, save_policy, validate_rollout
 from vla.policy import FlowPolicy
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class SFTConfig:
     seed: int = 0
     log_every: int = 100
     save_every: int = 1000
+    rollout: dict = dataclasses.field(default_factory=dict)
+    """Settings written to every checkpoint's rollout.json, which `pirl eval` / `collect` / `serve` take
+    as their defaults: env (a configs/env section, e.g. {task: PickCube-v1, max_episode_steps: 100}),
+    num_steps (K), n_exec, camera_map (default: `cameras`)."""
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -159,7 +163,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     state_noise_mask[list(stats["state"].drop)] = 0.0
     noise_gen = torch.Generator().manual_seed(cfg.seed + 7 + accelerator.process_index)
     if cfg.init_checkpoint:
-        policy, _, report = import_checkpoint(cfg.init_checkpoint, model_cfg)
+        policy, _, report = import_checkpoint(cfg.init_checkpoint, model_cfg, home_preprocessing=False)
         if report.unused_keys:
             log.info("init checkpoint: ignored unused weights %s", report.unused_keys)
     else:
@@ -180,6 +184,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     rng = np.random.default_rng(cfg.seed + 1000 * accelerator.process_index)
     dim_mask = processor.dim_mask().to(accelerator.device)
     started, losses = time.perf_counter(), []
+    rollout = validate_rollout({**({"camera_map": dict(cfg.cameras)} if cfg.cameras else {}), **cfg.rollout},
+                               "sft rollout=")
     console = contextlib.ExitStack()
     if accelerator.is_main_process:
         console.enter_context(logging_redirect_tqdm())
@@ -217,7 +223,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             with saved_weights():
                 save_policy(out / "checkpoints" / f"step_{step + 1:07d}", model, processor.norm_stats,
                             metadata={"sft_step": step + 1, "ema_decay": cfg.ema_decay},
-                            tokenizer_file=tokenizer_file)
+                            tokenizer_file=tokenizer_file, rollout=rollout)
     console.close()
     final = out / "final"
     if accelerator.is_main_process:
@@ -226,7 +232,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                         metadata={"sft_step": cfg.steps, "sft_config": dataclasses.asdict(cfg),
                                   "ema_decay": cfg.ema_decay,
                                   "final_loss": float(np.mean(losses[-cfg.log_every:]))},
-                        tokenizer_file=tokenizer_file)
+                        tokenizer_file=tokenizer_file, rollout=rollout)
         log.info("sft: wrote %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -353,3 +353,44 @@ def test_remote_eval_equals_local_eval(server):
 
 
 EVAL_SEED = 0  # seeds 0-3: seed 2 succeeds at K=4, the others fail (a table with both outcomes)
+
+
+# -- guided serving --------------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance", [{"method": "qgf", "weight": 3.0, "clip": "auto"},
+                                      {"method": "best_of_n", "n": 3}])
+def test_served_guided_actions_equal_local_guided(tmp_path, local, guidance):
+    """`pirl serve guidance=...` runs the same `GuidedSampler` as `pirl eval guidance=...`: for the same
+    seed a served guided chunk equals the local guided chunk bit for bit, and differs from the plain one."""
+    from pirl.critic.q import ChunkCritic, CriticConfig, save_critic
+    from pirl.guidance.actor import GuidedSampler, guidance_config
+
+    policy, processor = local.policy, local.processor
+    torch.manual_seed(0)
+    critic = ChunkCritic(CriticConfig(feature_dim=policy.config.expert.width, state_dim=STATE_DIM, horizon=5,
+                                      action_dims=7))
+    save_critic(tmp_path / "critic", critic)
+    cfg = ServeConfig(checkpoint=CKPT, port=0, num_steps=4, max_batch=4, max_wait_ms=20.0, guidance=guidance,
+                      critic=str(tmp_path / "critic"))
+    s, seeds = states(3, seed=7), [21, 22, 23]
+    sampler = GuidedSampler(policy, critic, guidance_config(guidance, "zscore"), num_steps=4)
+    guided = PolicyActor(policy, processor, 4, sample=sampler)
+    cfg_model = policy.config
+    generators, noise = [], []
+    for seed in seeds:  # what the server does for {"seed": seed, "noise_index": 0}
+        g = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(cfg_model.action_horizon, cfg_model.action_dim, generator=g))
+        generators.append(g)
+    expected = guided.actions({"images": {}, "state": s, "prompt": [PROMPT] * 3}, torch.stack(noise), generators)
+    plain = local_actions(local, s, seeds)
+    assert np.abs(expected - plain).max() > 1e-4  # the guidance changes the actions
+    with ServerThread(ServedPolicy.from_config(cfg), cfg) as st, WebsocketClientPolicy(st.url) as client:
+        assert client.get_server_metadata()["sampler"] == "guided"
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # batched together on the server
+            outs = list(pool.map(lambda i: client_infer(st.url, request(s[i], seeds[i], 0)), range(3)))
+    for i in range(3):
+        np.testing.assert_array_equal(outs[i]["actions"], expected[i])
+
+
+def client_infer(url, req):
+    with WebsocketClientPolicy(url) as client:
+        return client.infer(req)

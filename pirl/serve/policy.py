@@ -31,24 +31,35 @@ from pirl.train.rl_core import PolicyActor, ode_sample_fn, seeded_noise
 log = logging.getLogger(__name__)
 
 
-def build_sample_fn(policy, processor, num_steps: int, guidance: Any = None, critic: str | None = None):
+def is_guided(guidance: Any) -> bool:
+    return bool(guidance) and guidance.get("method", "none") != "none"
+
+
+def build_sample_fn(policy, processor, num_steps: int, guidance: Any = None, critic: str | None = None,
+                    checkpoint: str | None = None):
     """The sampler `(inputs, noise [B, H, D], generators) -> normalised chunk [B, H, D]` for these options.
 
-    guidance=None: the plain policy's ODE sampler (`pirl eval`'s). GUIDANCE HOOK: a guided sampler from
-    `pirl.guidance` (given the guidance settings, the critic loaded from `critic`, `policy`, `num_steps`)
-    is returned here with the same signature; the prefix is computed once inside it as in `pirl.flow`.
+    No guidance (None or method "none"): the plain policy's ODE sampler (`pirl eval`'s). Otherwise the
+    guided sampler of `pirl.guidance` (`GuidedSampler`, the one `pirl eval guidance=...` runs) with the
+    critic loaded from `critic`; the prefix is computed once per batch inside it.
     """
-    if guidance is None:
+    if not is_guided(guidance):
         if critic is not None:
             raise ValueError("serve: critic= is only used with guidance= (set both or neither)")
         return ode_sample_fn(policy, num_steps)
-    raise NotImplementedError(
-        f"serve: guidance={guidance!r} is not connected yet: pirl/serve/policy.py:build_sample_fn must build "
-        "the guided sampler from pirl.guidance")
+    from pirl.critic.q import load_critic
+    from pirl.guidance.actor import GuidedSampler, guidance_config
+
+    if critic is None:
+        raise ValueError(f"serve: guidance={guidance['method']} needs critic=DIR (a critic written by `pirl critic`)")
+    cfg = guidance_config(guidance, processor.norm_stats["actions"].resolved_mode(processor.norm_mode))
+    device = next(policy.parameters()).device
+    return GuidedSampler(policy, load_critic(critic, policy, device=device, policy_checkpoint=checkpoint), cfg,
+                         num_steps)
 
 
 def guidance_metadata(guidance: Any, critic: str | None) -> dict | None:
-    if guidance is None:
+    if not is_guided(guidance):
         return None
     return {"settings": guidance, "critic": critic}
 
@@ -83,7 +94,7 @@ class ServedPolicy:
         spec = InputSpec.build(cfg.inputs, tuple(mcfg.camera_names), trained, processor.norm_stats["state"].dim,
                                camera_map=cfg.camera_map, state_key=cfg.state_key, prompt_key=cfg.prompt_key,
                                default_prompt=cfg.default_prompt, max_image_side=cfg.max_image_side)
-        sample = build_sample_fn(policy, processor, num_steps, cfg.guidance, cfg.critic)
+        sample = build_sample_fn(policy, processor, num_steps, cfg.guidance, cfg.critic, cfg.checkpoint)
         actor = PolicyActor(policy, processor, num_steps, sample=sample)
         metadata = {
             "server": "pirl",
@@ -96,7 +107,7 @@ class ServedPolicy:
             "action_dim": processor.action_dims,
             "actions": "float32 [action_horizon, action_dim] in the robot's raw units (unnormalised)",
             "num_steps": num_steps,
-            "sampler": "ode" if cfg.guidance is None else "guided",
+            "sampler": "guided" if is_guided(cfg.guidance) else "ode",
             "guidance": guidance_metadata(cfg.guidance, cfg.critic),
             "inputs": spec.describe(),
             "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue},

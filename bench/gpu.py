@@ -44,7 +44,7 @@ from pirl.algos.config import PPOConfig, ValueLossConfig  # noqa: E402
 from pirl.flow.grid import DenoiseGrid  # noqa: E402
 from pirl.flow.likelihood import reduce_chain_log_prob  # noqa: E402
 from pirl.flow.policy import sample_chain  # noqa: E402
-from pirl.train.common import trainable_parameters  # noqa: E402
+from pirl.train.common import set_trainable  # noqa: E402
 from pirl.train.rl_core import Agent, LocalLearner, OptimConfig, PPOMinibatch, SamplerConfig, mask_exec, ppo_loss  # noqa: E402
 from vla.config import get_config  # noqa: E402
 from vla.policy import FlowPolicy  # noqa: E402
@@ -304,7 +304,7 @@ def part_ppo(name: str, device: torch.device, dtype: str, cases: list[tuple[int,
     rows = []
     for size, trainable, mask in cases:
         policy = build_policy(name, device, dtype)
-        n_train = sum(p.numel() for p in trainable_parameters(policy, trainable))
+        n_train = sum(p.numel() for p in set_trainable(policy, trainable))
         sampler = SamplerConfig(num_steps=steps, mask=mask)
         agent = Agent.build(policy, sampler).to(device)
         params = [p for p in agent.parameters() if p.requires_grad]

@@ -3,7 +3,7 @@
 #   on the head node:     launch/ray_cluster.sh head
 #   on each worker node:  launch/ray_cluster.sh worker HEAD_IP
 #   then, on the head:    pirl train experiment=... cluster=gpu_disaggregated cluster.ray_address=auto
-# Placement groups spread learners and rollout workers over the nodes (cluster.placement).
+# Placement groups spread learners and rollout workers over the nodes (cluster.mode).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 PORT=${RAY_PORT:-6379}

@@ -92,9 +92,9 @@ class WorkerPoolConfig:
 
     num_workers: int = 1
     """Rollout worker actors."""
-    cpus_per_worker: float = 0.25
+    worker_cpus: float = 0.25
     """CPUs per worker when no placement is given (<= 0.25 for light actors on a 2-core box)."""
-    gpus_per_worker: float = 0.0
+    worker_gpus: float = 0.0
     """GPUs per worker when no placement is given."""
     max_restarts: int = 3
     """Replacements allowed per worker over the pool's life; past that the error propagates."""
@@ -133,7 +133,7 @@ class WorkerPool:
         if self.placement is not None:
             options = self.placement.worker_options(i)
         else:
-            options = {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": self.cfg.gpus_per_worker}
+            options = {"num_cpus": self.cfg.worker_cpus, "num_gpus": self.cfg.worker_gpus}
         actor = ray.remote(RolloutWorker).options(**options, max_restarts=0)
         return actor.remote(i, self.model_factory, self.setup_fn, self.cfg.seed, self.cfg.torch_threads)
 

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from pirl import algos
 from pirl.algos import (
     GAEConfig,
     PPOConfig,
@@ -12,14 +11,14 @@ from pirl.algos import (
     explained_variance,
     from_dict,
     gae,
-    gaussian_entropy,
     grpo_advantages,
     grpo_filter,
     normalize_advantages,
     ppo_policy_loss,
-    reduce_log_probs,
     value_loss,
 )
+from pirl.flow.likelihood import LogProbReduction, element_mask, reduce_chain_terms
+from pirl.flow.steps import gaussian_entropy
 
 
 # ----------------------------------------------------------------------------------------------- GAE
@@ -158,10 +157,16 @@ def test_ppo_action_level_advantage_broadcast_and_reduce():
     # Per-element log-probs reduced to action level [N, H] (sum over real dims) with mask_exec.
     lp = torch.tensor([[[0.1, 0.2, 9.0], [0.3, 0.4, 9.0]]])  # N=1, H=2, D=3; dim 2 is padding
     mask = torch.tensor([1.0, 1.0, 0.0])
-    per_action, m_action = reduce_log_probs(lp, mask, "action")
+    # (the production reduction of pirl.flow: one stochastic step of sample 0, padded dim masked)
+    def reduce(granularity):
+        return reduce_chain_terms(lp, torch.tensor([0]), 1, LogProbReduction(granularity=granularity), mask_dims=mask)
+
+    per_action = reduce("action")
+    m_action = element_mask(1, 2, 3, mask_dims=mask).float().amax(-1)  # as rl_core.ratio_valid_mask
     assert torch.allclose(per_action, torch.tensor([[0.3, 0.7]]))  # 0.1+0.2, 0.3+0.4
-    per_chunk, m_chunk = reduce_log_probs(lp, mask, "chunk")
-    assert torch.allclose(per_chunk, torch.tensor([1.0])) and m_chunk.tolist() == [1.0]
+    assert m_action.tolist() == [[1.0, 1.0]]
+    per_chunk = reduce("chunk")
+    assert torch.allclose(per_chunk, torch.tensor([1.0]))
     # Action level: ratio per step, advantage (2.0) broadcast to both steps; old = new - [0, 0.1]
     # -> r = [1, e^0.1 = 1.10517] (inside the clip) -> loss = -2 * (1 + 1.10517) / 2 = -2.10517
     loss, _ = ppo_policy_loss(per_action, per_action - torch.tensor([[0.0, 0.1]]), torch.tensor([2.0]),
@@ -215,13 +220,19 @@ def test_value_loss_huber_with_clipping_hand_worked():
 
 # ------------------------------------------------------------------------------------------- entropy
 def test_gaussian_entropy_sum_and_mask():
-    std = torch.exp(torch.randn(2, 3, 4))  # [N, K(or H), D]
+    # The entropy the PPO loss uses: per-element Gaussian entropy (pirl.flow.steps), summed per chunk
+    # over real dims by the chain reduction (pirl.flow.likelihood), as in chain_log_prob.
+    def chunk_entropy(std, mask):
+        n = std.shape[0]
+        return reduce_chain_terms(gaussian_entropy(std), torch.arange(n), n, LogProbReduction(), mask_dims=mask)
+
+    std = torch.exp(torch.randn(2, 3, 4))  # [N, H, D]
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # last dim padded
-    ent = gaussian_entropy(std, mask)
+    ent = chunk_entropy(std, mask)
     ref = torch.distributions.Normal(torch.zeros_like(std), std).entropy()[..., :3].sum((-2, -1))
     assert ent.shape == (2,) and torch.allclose(ent, ref, atol=1e-5)
     # std = 1 everywhere: 0.5 * log(2 pi e) = 1.4189385 per valid element; 3 * 3 valid -> 12.770447
-    assert gaussian_entropy(torch.ones(1, 3, 4), mask).item() == pytest.approx(9 * 1.4189385, abs=1e-5)
+    assert chunk_entropy(torch.ones(1, 3, 4), mask).item() == pytest.approx(9 * 1.4189385, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -252,7 +263,7 @@ def test_grpo_filter_drops_all_fail_and_all_success_groups():
     assert not grpo_filter(success, 8, low=0.2, high=0.8).any()
 
 
-# -------------------------------------------------------------------------------- metrics / registry
+# --------------------------------------------------------------------------------- metrics / configs
 def test_explained_variance():
     ret = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert explained_variance(ret, ret).item() == pytest.approx(1.0)
@@ -266,13 +277,7 @@ def test_explained_variance():
     assert math.isnan(explained_variance(ret, torch.ones(4)).item())
 
 
-def test_registry_and_strict_configs():
-    assert algos.get("gae") is gae and algos.get("ppo_policy_loss") is ppo_policy_loss
-    for name in ["value_loss", "gaussian_entropy", "grpo_advantages", "grpo_filter",
-                 "explained_variance", "approx_kl_early_stop"]:
-        assert callable(algos.get(name))
-    with pytest.raises(KeyError):
-        algos.get("no_such_loss")
+def test_strict_configs():
     assert from_dict(PPOConfig, {"clip_eps": 0.1}).clip_eps == 0.1
     with pytest.raises(KeyError, match="clip_esp"):
         from_dict(PPOConfig, {"clip_esp": 0.1})

@@ -75,7 +75,7 @@ def learners(ray_cluster):
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
-    p = WorkerPool(WorkerPoolConfig(num_workers=2, cpus_per_worker=0.25, max_restarts=2), tiny_mlp)
+    p = WorkerPool(WorkerPoolConfig(num_workers=2, worker_cpus=0.25, max_restarts=2), tiny_mlp)
     yield p
     p.shutdown()
 

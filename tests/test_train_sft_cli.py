@@ -129,6 +129,49 @@ def test_every_shipped_experiment_config_is_valid():
         RLConfig.from_dict(compose("train", ["+optim.lr=3"]))
 
 
+@pytest.mark.parametrize("suite", ["10", "goal", "object", "spatial"])
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_libero_experiments_compose_to_the_recipe(suite, variant):
+    """configs/experiment/libero_<suite>_<variant>.yaml (composed from experiment/libero/) is exactly the
+    recipe each of the eight files spelled out in full before: these group choices and values."""
+    sampler = {"pi0": ["sampler.num_steps=4", "sampler.a_noise=0.5"],
+               "pi05": ["sampler.num_steps=5", "sampler.a_noise=0.3"]}[variant]
+    recipe = [f"env=libero_{suite}", "sampler=flow_sde", "algo=ppo", "cluster=gpu_collocated",
+              "run.iterations=300", "run.num_chunks=32", "run.n_exec=5", "run.eval_every=10", "run.eval_episodes=64",
+              "+run.camera_map={base_0_rgb: agentview_image, left_wrist_0_rgb: robot0_eye_in_hand_image}",
+              f"run.output_dir=runs/libero_{suite}_{variant}", *sampler,
+              "optim.policy_lr=5.0e-6", "optim.value_lr=1.0e-4", "optim.minibatch_size=128", "optim.update_epochs=4",
+              "optim.trainable=expert", "cluster.num_workers=8", "cluster.envs_per_worker=8"]
+    composed = compose("train", [f"experiment=libero_{suite}_{variant}", "run.init_checkpoint=x"])
+    assert composed == compose("train", [*recipe, "run.init_checkpoint=x"])
+
+
+def test_cluster_fields_match_the_rollout_configs():
+    """`cluster` fields named as a rollout config's field have its default too, and `rollout_configs` takes them
+    by name (one source of truth for placement, learner group and worker pool settings)."""
+    import dataclasses
+
+    from pirl.train.rl import ClusterConfig, RLConfig, rollout_configs
+    from rollout import LearnerConfig, PlacementConfig, WorkerPoolConfig
+
+    cluster = {f.name: f.default for f in dataclasses.fields(ClusterConfig)}
+    shared = 0
+    for cls in (PlacementConfig, LearnerConfig, WorkerPoolConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in cluster:
+                shared += 1
+                assert cluster[f.name] == f.default, f"cluster.{f.name} default differs from {cls.__name__}"
+    assert shared >= 8
+    cfg = RLConfig.from_dict(compose("train", ["experiment=libero_goal_pi0", "run.init_checkpoint=x",
+                                               "run.seed=7", "+cluster.learner_call_timeout_s=9"]))
+    placement, learner, pool = rollout_configs(cfg)
+    assert placement == PlacementConfig(mode="collocated", num_learners=8, num_workers=8, learner_cpus=1.0,
+                                        worker_cpus=1.0, learner_gpus=0.5, worker_gpus=0.5)
+    assert (learner.num_learners, learner.zero_stage, learner.seed, learner.grad_clip, learner.call_timeout_s) == \
+        (8, 2, 7, cfg.optim.max_grad_norm, 9.0)
+    assert (pool.num_workers, pool.seed, pool.call_timeout_s, pool.worker_cpus) == (8, 7, None, 1.0)
+
+
 def test_shipped_default_policy_loads_and_acts():
     policy, processor = load_bundle(SHIPPED)
     meta = json.loads((SHIPPED / "config.json").read_text())["metadata"]

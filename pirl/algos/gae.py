@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pirl.algos.registry import register
 
-
-@register("gae")
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

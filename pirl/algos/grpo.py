@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from pirl.algos.registry import register
-
 
 def _check_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     if scores.dim() != 1 or group_size < 1 or scores.shape[0] % group_size:
@@ -14,7 +12,6 @@ def _check_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.float().reshape(-1, group_size)
 
 
-@register("grpo_advantages")
 def grpo_advantages(
     scores: torch.Tensor, group_size: int, eps: float = 1e-6, unbiased_std: bool = False
 ) -> torch.Tensor:
@@ -34,7 +31,6 @@ def grpo_advantages(
     return ((groups - mean) / (std + eps)).reshape(-1)
 
 
-@register("grpo_filter")
 def grpo_filter(
     success: torch.Tensor, group_size: int, low: float = 0.1, high: float = 0.9
 ) -> torch.Tensor:

@@ -1,13 +1,13 @@
-"""PPO on action chunks: policy loss, value loss, Gaussian entropy, approx-KL early stop (METHODS.md §4).
+"""PPO on action chunks: policy loss, value loss, approx-KL early stop (METHODS.md §4).
 
 Shapes. N = batch of chunks, H = action steps per chunk, D = action dims (padded). Log-probs may
 arrive at any of three granularities (METHODS.md §4 "Reductions"):
 
-    chunk  [N]        one ratio per chunk (log-probs summed over the executed steps and real dims)
-    action [N, H]     one ratio per action step (summed over dims)
-    token  [N, H, D]  one ratio per element
+    chunk   [N]        one ratio per chunk (log-probs summed over the executed steps and real dims)
+    action  [N, H]     one ratio per action step (summed over dims)
+    element [N, H, D] one ratio per element
 
-:func:`reduce_log_probs` turns per-element log-probs into either coarser level. Advantages are
+`pirl.flow.likelihood.reduce_chain_terms` produces any of the three levels. Advantages are
 always per chunk [N] and are broadcast to the log-prob shape. Masks are broadcastable to the
 log-prob shape (e.g. ``mask_exec[:, None] * mask_dims`` for [N, H, D]); every mean is over valid
 elements only.
@@ -19,33 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pirl.algos.registry import register
 from pirl.algos import stats
 from pirl.algos.stats import _mask_like, masked_mean
-
-LogProbLevel = Literal["chunk", "action", "token"]
-
-
-@register("reduce_log_probs")
-def reduce_log_probs(
-    log_probs: torch.Tensor, mask: torch.Tensor | None, level: LogProbLevel
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum per-element log-probs [N, H, D] over masked elements down to ``level`` (METHODS.md §4).
-
-    Returns ``(log_probs_at_level, mask_at_level)``: ``chunk`` -> [N], ``action`` -> [N, H],
-    ``token`` -> [N, H, D] unchanged. A reduced position is valid when any of its elements is.
-    """
-    if log_probs.dim() != 3:
-        raise ValueError(f"reduce_log_probs: expected [N, H, D], got {tuple(log_probs.shape)}")
-    m = _mask_like(log_probs, mask)
-    masked = torch.where(m > 0, log_probs, torch.zeros_like(log_probs))
-    if level == "token":
-        return log_probs, m
-    if level == "action":
-        return masked.sum(-1), (m.sum(-1) > 0).to(log_probs.dtype)
-    if level == "chunk":
-        return masked.sum((-2, -1)), (m.sum((-2, -1)) > 0).to(log_probs.dtype)
-    raise ValueError(f"reduce_log_probs: unknown level {level!r} (chunk | action | token)")
 
 
 def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,7 +31,6 @@ def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch
     return advantages.reshape(-1, *([1] * (like.dim() - 1))).expand_as(like)
 
 
-@register("ppo_policy_loss")
 def ppo_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -117,7 +91,6 @@ def ppo_policy_loss(
     return loss, metrics
 
 
-@register("approx_kl_early_stop")
 def approx_kl_early_stop(approx_kl: torch.Tensor | float, target_kl: float | None) -> bool:
     """True when PPO's update epochs should stop: approx-KL above ``target_kl`` (METHODS.md §4).
 
@@ -128,7 +101,6 @@ def approx_kl_early_stop(approx_kl: torch.Tensor | float, target_kl: float | Non
     return float(approx_kl) > target_kl
 
 
-@register("value_loss")
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -167,17 +139,3 @@ def value_loss(
         with torch.no_grad():
             clip_frac = masked_mean(((values - old_values).abs() > clip_eps).to(values.dtype), mask)
     return masked_mean(per_elem, mask), {"value_clip_frac": clip_frac}
-
-
-@register("gaussian_entropy")
-def gaussian_entropy(std: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy of a diagonal Gaussian per sample (METHODS.md §3/§4 entropy bonus).
-
-    ``std`` is [N, ...] (e.g. [N, K, H, D]: denoising steps x action steps x dims); ``mask`` is
-    broadcastable to it. Returns [N]: sum over all non-batch dims of valid elements of
-    0.5 * log(2 pi e std^2) = 0.5 * log(2 pi e) + log std. Differentiable in ``std``.
-    """
-    per_elem = 0.5 * torch.log(torch.tensor(2.0 * torch.pi * torch.e, dtype=std.dtype)) + torch.log(std)
-    m = _mask_like(std, mask)
-    per_elem = torch.where(m > 0, per_elem, torch.zeros_like(per_elem))
-    return per_elem.reshape(std.shape[0], -1).sum(-1)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from pirl.algos.registry import register
-
 
 def _mask_like(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The mask as a float tensor of exactly ``x``'s shape (all ones when ``mask`` is None)."""
@@ -43,7 +41,6 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None, unbiased: bool = Fals
     return masked_sum((x - mean) ** 2, m) / denom.clamp(min=1.0)
 
 
-@register("normalize_advantages")
 def normalize_advantages(
     advantages: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -58,7 +55,6 @@ def normalize_advantages(
     return torch.where(m > 0, out, torch.zeros_like(out))
 
 
-@register("explained_variance")
 def explained_variance(
     values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -38,8 +38,9 @@ def build_model_config(spec) -> ModelConfig:
     raise ValueError(f"model {spec!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
 
 
-def trainable_parameters(policy: FlowPolicy, which: str) -> list[torch.nn.Parameter]:
-    """Sets requires_grad by policy: "all", or "expert" (VLM frozen; expert, projections train).
+def set_trainable(policy: FlowPolicy, which: str) -> list[torch.nn.Parameter]:
+    """Sets requires_grad by `which` and returns the parameters that train: "all", or "expert" (VLM frozen;
+    expert, projections train).
 
     "expert" is πRL's default: SigLIP and the Gemma VLM decoder are frozen, the action expert, the
     action/state/time projections (and any heads attached elsewhere) are trained.

@@ -41,7 +41,7 @@ import torch
 from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
 from pirl.config import load_section
 from pirl.train.batch import TrajectoryBatch
-from pirl.train.common import set_seed, trainable_parameters
+from pirl.train.common import set_seed, set_trainable
 from pirl.train.logger import MetricLogger, logging_redirect_tqdm, progress_bar
 from pirl.train.rl_core import (
     Agent,
@@ -89,25 +89,30 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """Where the roles run."""
+    """Where the roles run. With `use_ray`, the fields named as in `rollout.PlacementConfig`,
+    `rollout.LearnerConfig` and `rollout.WorkerPoolConfig` (same names, same defaults: tests/test_rl.py
+    checks it) become those configs (`rollout_configs`)."""
 
     use_ray: bool = False
-    num_rollout_workers: int = 1
     envs_per_worker: int = 4
+    # placement (rollout.PlacementConfig)
+    mode: Literal["collocated", "disaggregated"] = "collocated"
     num_learners: int = 1
-    zero_stage: int = 0
-    placement: Literal["collocated", "disaggregated"] = "collocated"
-    worker_cpus: float = 0.25
+    num_workers: int = 1
+    """Rollout workers."""
     learner_cpus: float = 0.25
-    worker_gpus: float = 0.0
+    worker_cpus: float = 0.25
     learner_gpus: float = 0.0
-    device: str = "cpu"
-    ray_address: str | None = None
-    """Connect to a running cluster (`ray start --head` / SLURM launcher); None starts a local one."""
-    worker_call_timeout_s: float | None = None
-    """A rollout-worker call running longer counts as a dead worker (replaced, call retried)."""
+    worker_gpus: float = 0.0
+    # learner group (rollout.LearnerConfig)
+    zero_stage: int = 2
     learner_call_timeout_s: float | None = None
     """A learner-group call running longer counts as a lost learner rank; None waits."""
+    # worker pool (rollout.WorkerPoolConfig)
+    worker_call_timeout_s: float | None = None
+    """A rollout-worker call running longer counts as a dead worker (replaced, call retried)."""
+    ray_address: str | None = None
+    """Connect to a running cluster (`ray start --head` / SLURM launcher); None starts a local one."""
     max_learner_restarts: int = 2
     """A lost learner rank rebuilds the learner group and the worker pool from the run's last
     checkpoint and goes on from the iteration after it (the iterations since are repeated exactly:
@@ -180,7 +185,7 @@ def build_agent(checkpoint: str, sampler: SamplerConfig, trainable: str, weights
     extras = {k: getattr(agent, k) for k in EXTRA_MODULES if getattr(agent, k) is not None and k in stored}
     if extras:
         load_policy(source, extra_modules=extras)
-    trainable_parameters(agent.policy, trainable)
+    set_trainable(agent.policy, trainable)
     for name, module in ((k, getattr(agent, k)) for k in EXTRA_MODULES):
         if module is not None:
             for p in module.parameters():
@@ -447,28 +452,37 @@ def _point_latest(out: Path, path: Path) -> None:
 def _start_ray(cfg: RLConfig, factory, weights_source: str | None):
     import ray
 
-    from rollout.learner import LearnerConfig, LearnerGroup
-    from rollout.placement import Placement, PlacementConfig
-    from rollout.worker import WorkerPool, WorkerPoolConfig
+    from rollout.learner import LearnerGroup
+    from rollout.placement import Placement
+    from rollout.worker import WorkerPool
 
     cluster = cfg.cluster
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
-    placement = Placement.create(PlacementConfig(
-        mode=cluster.placement, num_learners=cluster.num_learners, num_workers=cluster.num_rollout_workers,
-        learner_cpus=cluster.learner_cpus, worker_cpus=cluster.worker_cpus,
-        learner_gpus=cluster.learner_gpus, worker_gpus=cluster.worker_gpus))
-    learners = LearnerGroup(
-        LearnerConfig(num_learners=cluster.num_learners, zero_stage=cluster.zero_stage,
-                      grad_clip=cfg.optim.max_grad_norm, seed=cfg.run.seed,
-                      call_timeout_s=cluster.learner_call_timeout_s),
-        factory, GroupedAdamW(cfg.optim), placement=placement)
+    placement_cfg, learner_cfg, pool_cfg = rollout_configs(cfg)
+    placement = Placement.create(placement_cfg)
+    learners = LearnerGroup(learner_cfg, factory, GroupedAdamW(cfg.optim), placement=placement)
     if weights_source and Path(weights_source + ".deepspeed").exists():
         learners.load_checkpoint(weights_source + ".deepspeed", tag="state")
-    pool = WorkerPool(
-        WorkerPoolConfig(num_workers=cluster.num_rollout_workers, seed=cfg.run.seed,
-                         call_timeout_s=cluster.worker_call_timeout_s),
-        factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
+    pool = WorkerPool(pool_cfg, factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
     return pool, learners, placement
+
+
+def rollout_configs(cfg: RLConfig):
+    """(PlacementConfig, LearnerConfig, WorkerPoolConfig) of a run: each takes the `cluster` fields of its
+    own names; the seed, gradient clip and per-role call timeouts come from elsewhere in the run config."""
+    from rollout.learner import LearnerConfig
+    from rollout.placement import PlacementConfig
+    from rollout.worker import WorkerPoolConfig
+
+    cluster = dataclasses.asdict(cfg.cluster)
+
+    def pick(cls, **rest):
+        return cls(**{f.name: cluster[f.name] for f in dataclasses.fields(cls) if f.name in cluster}, **rest)
+
+    return (pick(PlacementConfig),
+            pick(LearnerConfig, grad_clip=cfg.optim.max_grad_norm, seed=cfg.run.seed,
+                 call_timeout_s=cfg.cluster.learner_call_timeout_s),
+            pick(WorkerPoolConfig, seed=cfg.run.seed, call_timeout_s=cfg.cluster.worker_call_timeout_s))

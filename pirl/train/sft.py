@@ -23,7 +23,7 @@ from pirl.train.common import (
     dataset_norm_stats,
     make_processor_from_dataset,
     set_seed,
-    trainable_parameters,
+    set_trainable,
 )
 from pirl.train.logger import logging_redirect_tqdm, progress_bar
 from vla.checkpoint import import_checkpoint, save_policy, validate_rollout
@@ -168,7 +168,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             log.info("init checkpoint: ignored unused weights %s", report.unused_keys)
     else:
         policy = FlowPolicy(model_cfg)
-    params = trainable_parameters(policy, cfg.trainable)
+    params = set_trainable(policy, cfg.trainable)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     model = accelerator.unwrap_model(policy)

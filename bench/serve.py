@@ -102,31 +102,37 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--state-dim", type=int, default=42)
+    p.add_argument("--critic", default=None, help="also serve QGF-guided (guidance=qgf critic=DIR)")
+    p.add_argument("--qgf-weight", type=float, default=10.0, help="the guidance weight chosen by bench/guidance.py")
     p.add_argument("--out", default=str(RESULTS / "serve"))
     args = p.parse_args()
 
     rows = []
-    modes = [("batching", args.max_batch), ("one-at-a-time", 1)]
-    for mode, max_batch in modes:
+    plain, guided = ("ode (plain)", []), (f"qgf w={args.qgf_weight:g}",
+                                          ["guidance=qgf", f"guidance.weight={args.qgf_weight}", f"critic={args.critic}"])
+    modes = [("batching", args.max_batch, plain), ("one-at-a-time", 1, plain)]
+    if args.critic:
+        modes += [("batching", args.max_batch, guided), ("one-at-a-time", 1, guided)]
+    for mode, max_batch, (sampler, overrides) in modes:
         proc, url = start_server(args.checkpoint, max_batch,
-                                 [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}"])
+                                 [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}", *overrides])
         try:
             for n in args.clients:
                 before = server_stats(url)
                 row = asyncio.run(measure(url, n, args.state_dim, args.warmup, args.duration))
                 after = server_stats(url)
                 batches = after["batches"] - before["batches"]
-                row.update(mode=mode, max_batch=max_batch, sampler="ode (plain)",
+                row.update(mode=mode, max_batch=max_batch, sampler=sampler,
                            mean_batch=(after["batched_rows"] - before["batched_rows"]) / max(batches, 1))
                 rows.append(row)
-                print(f"{mode:14s} clients {n:3d}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                print(f"{sampler:12s} {mode:14s} clients {n:3d}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                       f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
-    def get(mode, n):
-        return next((r for r in rows if r["mode"] == mode and r["clients"] == n), None)
+    def get(mode, n, sampler="ode (plain)"):
+        return next((r for r in rows if r["mode"] == mode and r["clients"] == n and r["sampler"] == sampler), None)
 
     single, b16, o16 = get("batching", 1), get("batching", 16), get("one-at-a-time", 16)
     target = None
@@ -143,24 +149,29 @@ def main() -> int:
             "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "python": platform.python_version(),
             "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
             "load_avg_at_end": os.getloadavg(),
-            "guided": "not run: pirl.guidance is not connected to the server yet (pirl/serve/policy.py:build_sample_fn)"}
+            "critic": args.critic}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "target": target, "rows": rows}, indent=2))
     lines = [f"# Policy server: throughput and latency vs concurrent clients\n",
-             f"`python bench/serve.py` on {args.checkpoint} (ODE, K={args.num_steps}), server in its own process "
+             f"`python bench/serve.py` on {args.checkpoint} (K={args.num_steps}), server in its own process "
              f"(torch threads {meta['omp_threads']}), {meta['cpus']} shared CPU cores, asyncio clients in closed loop, "
              f"{args.duration:.0f} s per point after {args.warmup:.0f} s warm-up; batching = max_batch "
              f"{args.max_batch}, max_wait {args.max_wait_ms} ms. Load average at the end: "
              f"{meta['load_avg_at_end'][0]:.1f}.\n",
-             "| mode | clients | req/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+             "| sampler | mode | clients | req/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
+        lines.append(f"| {r['sampler']} | {r['mode']} | {r['clients']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
     if target:
         lines.append(f"\nTarget at 16 clients: throughput {target['speedup_16_clients']:.2f}x one-at-a-time (>= 4x), "
                      f"p99 {target['p99_16_over_single_latency']:.2f}x the single-client latency "
                      f"{target['single_client_latency_ms']:.1f} ms (<= 2x): **{'met' if target['met'] else 'not met'}** "
                      f"(p99 over the single client's p99: {target['p99_16_over_single_p99']:.2f}x).")
-    lines.append(f"\nQGF-guided serving: {meta['guided']}.")
+    if args.critic:
+        g1, g16, go16 = get("batching", 1, guided[0]), get("batching", 16, guided[0]), get("one-at-a-time", 16, guided[0])
+        if g1 and g16 and go16:
+            lines.append(f"\nQGF-guided ({guided[0]}, critic {args.critic}): batching gives "
+                         f"{g16['requests_per_s'] / go16['requests_per_s']:.2f}x one-at-a-time at 16 clients; "
+                         f"single-client latency {g1['p50_ms']:.1f} ms ({g1['p50_ms'] / single['p50_ms']:.2f}x plain).")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -116,3 +116,26 @@ def test_eval_takes_episode_length_and_k_from_the_checkpoint(tmp_path, capsys):
     result = json.loads((tmp_path / "b" / "results.json").read_text())
     assert result["num_steps"] == 2 and result["max_episode_steps"] == 20
     assert all(e["length"] <= 20 for e in result["per_episode"])
+
+
+def test_unknown_task_names_the_known_ones(capsys, tmp_path):
+    line = _one_line_error(capsys, ["eval", f"checkpoint={SHIPPED}", "env.task=NoSuchTask-v1", "episodes=1",
+                                    "num_envs=1", f"output_dir={tmp_path / 'out'}"])
+    assert "NoSuchTask-v1" in line and "PickCube-v1" in line
+    assert not (tmp_path / "out").exists()  # nothing written half-way
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "pirl.cli", "serve", f"checkpoint={SHIPPED}", f"port={port}"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PIRL_DEBUG": ""})
+    assert run.returncode == 2
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and "address already in use" in err[0] and "port=0" in err[0], run.stderr
+    assert "Traceback" not in run.stderr

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from pirl.cli import main
 from pirl.train.common import load_bundle
 from vla.checkpoint import load_policy, read_lerobot_processor_stats
+from vla.normalize import NormStats
 from vla.processor import build_test_tokenizer, resize_with_pad
 from vla.testing import tiny_policy
 
@@ -103,3 +104,28 @@ def test_shipped_checkpoints_keep_pirls_convention_and_record_their_rollout(name
     assert policy.config.image_resize_antialias is True
     rollout = read_rollout(REPO / "assets" / name)
     assert rollout["env"]["max_episode_steps"] == 100 and rollout["num_steps"] == 4 and rollout["n_exec"] == 5
+
+
+def test_cli_import_of_an_openpi_export_carries_its_stats_and_acts(tmp_path, capsys):
+    """An openpi-layout export (model.safetensors + assets/<id>/norm_stats.json) through `pirl import`:
+    the stats come over exactly, the resize follows openpi (no antialiasing), and the policy acts with the
+    weights it was exported with."""
+    from vla.checkpoint import export_openpi
+    from vla.testing import tiny_policy
+
+    policy = tiny_policy(21)
+    rng = np.random.default_rng(2)
+    stats = {key: NormStats(mean=rng.normal(size=7), std=rng.uniform(0.5, 2, 7), q01=-rng.uniform(1, 2, 7),
+                            q99=rng.uniform(1, 2, 7)) for key in ("state", "actions")}
+    export_openpi(tmp_path / "openpi", policy, stats, asset_id="robot", include_unused=True)
+    build_test_tokenizer(tmp_path / "tok")
+    assert main(["import", str(tmp_path / "openpi"), str(tmp_path / "out"), "--model", "tiny",
+                 "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert "openpi checkpoint" in capsys.readouterr().out
+    imported, processor = load_bundle(tmp_path / "out")
+    assert imported.config.image_resize_antialias is False
+    for key in ("state", "actions"):
+        np.testing.assert_allclose(processor.norm_stats[key].mean, stats[key].mean, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(processor.norm_stats[key].std, stats[key].std, rtol=0, atol=1e-6)
+    for (name, a), b in zip(policy.state_dict().items(), imported.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

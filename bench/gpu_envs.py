@@ -288,7 +288,7 @@ def run_child(args, part: str, num_envs: int, json_path: str, report: dict) -> N
         os.remove(prefix + ".json")
         os.remove(prefix + ".md")
     except (OSError, ValueError):
-        pass
+        pass  # the child wrote nothing readable: `child` stays None and the status line says why
     got = False
     if child:
         for key in ("mani_skill", "sapien", "mani_skill_path"):

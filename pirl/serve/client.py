@@ -90,7 +90,7 @@ class WebsocketClientPolicy:
         return unpackb(reply)
 
     def reset(self) -> None:
-        pass
+        """openpi's client interface; the server keeps no per-episode state, so there is nothing to reset."""
 
     def close(self) -> None:
         self._ws.close()
@@ -167,7 +167,7 @@ def wait_for_health(url: str, timeout_s: float = 60.0) -> bool:
             if conn.getresponse().status == 200:
                 return True
         except OSError:
-            pass
+            pass  # not listening yet: try again until the deadline
         time.sleep(0.2)
     return False
 

@@ -123,7 +123,7 @@ class PolicyServer:
                         self._maybe_drained()
                 prev_total_ms = (time.perf_counter() - t0) * 1000
         except ConnectionClosed:
-            pass  # the client left; its queued requests are answered into the void and dropped
+            pass  # the client left (also mid-request): its reply is dropped, the other clients go on
         finally:
             self._connections.discard(conn)
             log.debug("connection from %s closed", conn.remote_address)

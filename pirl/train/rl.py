@@ -10,15 +10,18 @@ The loop, top to bottom (DESIGN.md "One RL iteration"):
         4. PPO epochs over minibatches on the learner group (DeepSpeed ZeRO, or one process)
         5. log; evaluate (ODE sampling, fixed seeds) and checkpoint on schedule
 
-Roles are placed by `cluster`: `use_ray=false` runs everything in this process (debugging, tests);
-`use_ray=true` runs Ray rollout workers and a DeepSpeed learner group, collocated or disaggregated.
+`train` runs the iterations; `rl_iteration` is one of them, the five steps in order. Roles are placed
+by `cluster`, once (`start_roles`): `use_ray=false` runs everything in this process (`LocalPool`,
+`LocalLearnerGroup`: debugging, tests); `use_ray=true` runs Ray rollout workers and a DeepSpeed
+learner group, collocated or disaggregated. Both sides have the interfaces of `pirl.train.protocols`,
+so the loop itself has no placement branches.
 Envs are reset at the start of every iteration with seeds derived from (seed, iteration, worker), so an
 iteration is a function of the weights and its number alone: a resumed run repeats exactly what an
 uninterrupted one would have done.
 
 Failures: a dead rollout worker is replaced and its call retried (rollout.worker). A dead learner rank
 breaks the whole DeepSpeed group (its ZeRO partitions and the collectives die with it), so the run
-rebuilds the learners and workers from its last checkpoint, in this process, and repeats the
+rebuilds the learners and workers from its last checkpoint, in this process (`Roles.run`), and repeats the
 iterations since (`cluster.max_learner_restarts`); metrics.jsonl then holds those iterations twice,
 the later rows with a higher `learner_restarts`.
 """
@@ -43,6 +46,8 @@ from pirl.config import load_section
 from pirl.train.batch import TrajectoryBatch
 from pirl.train.common import set_seed, set_trainable
 from pirl.train.logger import MetricLogger, logging_redirect_tqdm, progress_bar
+from pirl.train.protocols import LearnerGroup as LearnerGroupProtocol
+from pirl.train.protocols import WorkerPool as WorkerPoolProtocol
 from pirl.train.rl_core import (
     Agent,
     LocalLearner,
@@ -263,211 +268,308 @@ class _LocalWorker:
         setup_worker(self, cfg)
 
 
+# -- where the roles run: in this process or on Ray (one interface, see pirl.train.protocols) -----
+class LocalPool:
+    """The in-process `WorkerPool`: one worker on the driver's agent, which the learner trains in
+    place, so `sync` has nothing to move (the worker's version stays 0, as its batches say)."""
+
+    def __init__(self, agent: Agent, cfg: RLConfig):
+        self.workers, self.restarts = [_LocalWorker(agent, cfg)], [0]
+
+    def sync(self, snapshot: Any) -> int:
+        return self.workers[0].version
+
+    def map(self, fn, *args, **kwargs) -> list:
+        return [fn(worker, *args, **kwargs) for worker in self.workers]
+
+    def call(self, i: int, fn, *args, **kwargs) -> Any:
+        return fn(self.workers[i], *args, **kwargs)
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.scratch["env"].close()
+
+
+class LocalLearnerGroup:
+    """The in-process `LearnerGroup`: a `LocalLearner` (`GroupedAdamW`) training the driver's agent
+    itself, which the local worker shares (no snapshot to send)."""
+
+    def __init__(self, agent: Agent, optim: OptimConfig):
+        optimizer = GroupedAdamW(optim)([p for p in agent.parameters() if p.requires_grad])
+        self.learner = LocalLearner(agent, optimizer, optim.max_grad_norm)
+
+    def train_step(self, minibatch: Any, loss_fn) -> dict[str, float]:
+        return self.learner.train_step(minibatch, loss_fn)
+
+    def snapshot_ref(self, trainable_only: bool = True) -> None:
+        return None  # the worker holds the learner's own module
+
+    def get_weights(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.learner.agent.named_parameters()
+                if p.requires_grad or not trainable_only}
+
+    def save_checkpoint(self, directory: str, tag: str | None = None) -> None:
+        with atomic_directory(Path(directory)) as tmp:
+            torch.save(self.learner.optimizer.state_dict(), tmp / "optimizer.pt")
+
+    def load_checkpoint(self, directory: str, tag: str | None = None) -> int:
+        self.learner.optimizer.load_state_dict(torch.load(Path(directory) / "optimizer.pt"))
+        return self.learner.version
+
+    def shutdown(self, graceful: bool = True) -> None:
+        pass  # nothing runs outside this process
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleSet:
+    """Rollout workers and learners, started together by `start_roles`."""
+
+    pool: WorkerPoolProtocol
+    learners: LearnerGroupProtocol
+    placement: Any
+    """The Ray placement group (`rollout.Placement`), None in-process."""
+    state_suffix: str
+    """The learners' state lives next to a policy checkpoint `p` in `p + state_suffix`."""
+    lost: tuple[type[BaseException], ...]
+    """Errors that mean the learner group is gone (in-process: none)."""
+    distributed: bool
+    """Whether metrics carry worker_restarts, learner_restarts, weight_version (Ray runs only)."""
+
+    def shutdown(self, graceful: bool = True) -> None:
+        self.pool.shutdown()
+        self.learners.shutdown(graceful=graceful)
+        if self.placement is not None:
+            self.placement.remove()
+
+
+def start_roles(cfg: RLConfig, host_agent: Agent, weights_source: str | None) -> RoleSet:
+    """The one choice of where roles run: this process (one worker and one learner, both on
+    `host_agent`), or with `cluster.use_ray` Ray rollout workers and a DeepSpeed learner group built
+    from `weights_source` (None: the initial policy). The learners load their stored state if any."""
+    if cfg.cluster.use_ray:
+        return _start_ray(cfg, weights_source)
+    learners = LocalLearnerGroup(host_agent, cfg.optim)
+    _load_learner_state(learners, weights_source, ".optim")
+    return RoleSet(LocalPool(host_agent, cfg), learners, None, ".optim", lost=(), distributed=False)
+
+
+def _load_learner_state(learners: LearnerGroupProtocol, weights_source: str | None, suffix: str) -> None:
+    if weights_source and Path(weights_source + suffix).exists():
+        learners.load_checkpoint(weights_source + suffix, tag="state")
+
+
+def _start_ray(cfg: RLConfig, weights_source: str | None) -> RoleSet:
+    import ray
+
+    from rollout.learner import LearnerGroup, LearnerLostError
+    from rollout.placement import Placement
+    from rollout.worker import WorkerPool
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=cfg.cluster.ray_address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
+    factory = functools.partial(build_agent, cfg.run.init_checkpoint, cfg.sampler, cfg.optim.trainable, weights_source)
+    placement_cfg, learner_cfg, pool_cfg = rollout_configs(cfg)
+    placement = Placement.create(placement_cfg)
+    learners = LearnerGroup(learner_cfg, factory, GroupedAdamW(cfg.optim), placement=placement)
+    _load_learner_state(learners, weights_source, ".deepspeed")
+    pool = WorkerPool(pool_cfg, factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
+    return RoleSet(pool, learners, placement, ".deepspeed", lost=(LearnerLostError,), distributed=True)
+
+
+class Roles:
+    """The run's roles (`pool`, `learners`) and what it takes to rebuild them: a lost learner rank
+    breaks the whole group, so `run` rebuilds every role from the last checkpoint (module doc)."""
+
+    def __init__(self, cfg: RLConfig, host_agent: Agent, weights_source: str | None):
+        self.cfg, self.host_agent = cfg, host_agent
+        self.last_checkpoint = weights_source  # where a lost learner group is rebuilt from (None: the start)
+        self.learner_restarts = self.earlier_worker_restarts = 0
+        self.placed = start_roles(cfg, host_agent, weights_source)
+
+    @property
+    def pool(self) -> WorkerPoolProtocol:
+        return self.placed.pool
+
+    @property
+    def learners(self) -> LearnerGroupProtocol:
+        return self.placed.learners
+
+    def run(self, step, iteration: int, history: list) -> tuple[int, list]:
+        """`step(iteration)`, then (the next iteration, the history). If the step lost the learner
+        group: every role rebuilt from the last checkpoint, (the iteration after it, its history)."""
+        try:
+            step(iteration)
+        except self.placed.lost as err:
+            return self._rebuild(iteration, err)
+        return iteration + 1, history
+
+    def _rebuild(self, lost_at: int, err: BaseException) -> tuple[int, list]:
+        self.learner_restarts += 1
+        limit = self.cfg.cluster.max_learner_restarts
+        if self.learner_restarts > limit:
+            raise RuntimeError(f"the learner group was lost {self.learner_restarts} times "
+                               f"(cluster.max_learner_restarts={limit})") from err
+        self.earlier_worker_restarts += sum(self.pool.restarts)
+        self.placed.shutdown(graceful=False)
+        iteration, history = _rollback_point(self.last_checkpoint)
+        log.warning("learner group lost at iteration %d (%s); rebuilt from %s, going on from iteration %d "
+                    "(restart %d of %d)", lost_at, err, self.last_checkpoint or "the initial policy", iteration,
+                    self.learner_restarts, limit)
+        self.placed = start_roles(self.cfg, self.host_agent, self.last_checkpoint)
+        return iteration, history
+
+    def placement_metrics(self, version: int) -> dict:
+        """Restarts and the weight version (Ray runs; in-process runs log none of them)."""
+        if not self.placed.distributed:
+            return {}
+        return {"worker_restarts": self.earlier_worker_restarts + sum(self.pool.restarts),
+                "learner_restarts": self.learner_restarts, "weight_version": version}
+
+    def save_checkpoint(self, processor: Processor, iteration: int, history: list) -> None:
+        """The learners' weights into the host agent, then policy + learner state, atomically."""
+        self.host_agent.load_state_dict(self.learners.get_weights(trainable_only=False), strict=False)
+        out = Path(self.cfg.run.output_dir)
+        path = out / "checkpoints" / f"iter_{iteration:06d}"
+        save_trainer_checkpoint(path, self.host_agent, processor, iteration, self.cfg, self.learners,
+                                self.placed.state_suffix, history)
+        (out / "checkpoints" / "LATEST").write_text(path.name + "\n")
+        self.last_checkpoint = str(path)
+
+    def shutdown(self) -> None:
+        self.placed.shutdown()
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 def save_trainer_checkpoint(path: Path, agent: Agent, processor: Processor, iteration: int, cfg: RLConfig,
-                            optimizer_state: dict | None, learners=None, history: list | None = None) -> Path:
-    """Policy bundle + heads + optimizer + iteration, written atomically (a killed run resumes)."""
+                            learners: LearnerGroupProtocol, state_suffix: str, history: list | None = None) -> Path:
+    """Policy bundle + heads + iteration, then the learners' state (optimizer; DeepSpeed's ZeRO
+    partitions) in `path + state_suffix`, each written atomically (a killed run resumes)."""
     extras = {k: getattr(agent, k) for k in EXTRA_MODULES if getattr(agent, k) is not None}
     save_policy(path, agent.policy, processor.norm_stats, extra_modules=extras,
                 tokenizer_file=tokenizer_path(cfg.run.init_checkpoint),
                 metadata={"iteration": iteration, "pirl_extra_modules": sorted(extras),
                           "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                           "history": history or []})
-    if optimizer_state is not None:
-        with atomic_directory(path.with_name(path.name + ".optim")) as tmp:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-    if learners is not None:
-        learners.save_checkpoint(str(path.with_name(path.name + ".deepspeed")), tag="state")
+    learners.save_checkpoint(str(path.with_name(path.name + state_suffix)), tag="state")
     return path
 
 
-# -- the loop --------------------------------------------------------------------------------------
-def train(cfg: RLConfig) -> dict:
-    run, cluster = cfg.run, cfg.cluster
-    if not run.init_checkpoint:
-        raise ValueError("run.init_checkpoint is required: a pirl policy directory (e.g. from `pirl sft`)")
-    set_seed(run.seed)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    start_iteration, history = 0, []
-    weights_source = None
-    if run.resume:
-        meta = read_metadata(run.resume)
-        start_iteration, history = int(meta["iteration"]) + 1, list(meta.get("history", []))
-        weights_source = run.resume
-        log.info("resuming from %s at iteration %d", run.resume, start_iteration)
-    factory = functools.partial(build_agent, run.init_checkpoint, cfg.sampler, cfg.optim.trainable, weights_source)
-    host_agent = factory()  # the driver's copy: checkpoints and the local path
-    processor = processor_for(run.init_checkpoint, run.camera_map)
-    logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg))
-
-    last_checkpoint = weights_source  # where a lost learner group is rebuilt from (None: the start)
-    learner_restarts = worker_restarts_before = 0
-    learner_lost: tuple[type[BaseException], ...] = ()  # in-process: no learner group to lose
-    if cluster.use_ray:
-        from rollout.learner import LearnerLostError
-
-        learner_lost = (LearnerLostError,)
-        pool, learners, placement = _start_ray(cfg, factory, weights_source)
-    else:
-        optimizer = GroupedAdamW(cfg.optim)([p for p in host_agent.parameters() if p.requires_grad])
-        if weights_source and Path(weights_source + ".optim").exists():
-            optimizer.load_state_dict(torch.load(Path(weights_source + ".optim") / "optimizer.pt"))
-        learner = LocalLearner(host_agent, optimizer, cfg.optim.max_grad_norm)
-        worker = _LocalWorker(host_agent, cfg)
-
-    console = contextlib.ExitStack()
-    console.enter_context(logging_redirect_tqdm())
-    bar = console.enter_context(progress_bar(run.iterations, "rl", initial=start_iteration))
-    iteration = start_iteration
-    try:
-        while iteration < run.iterations:
-            try:
-                bar.set_postfix_str(f"iteration {iteration}: rollout")
-                t0 = time.perf_counter()
-                # 1. weight sync (the local worker shares the learner's module: nothing to move)
-                if cluster.use_ray:
-                    version = pool.sync(learners.snapshot_ref())
-                t1 = time.perf_counter()
-                # 2. rollouts
-                if cluster.use_ray:
-                    batch = TrajectoryBatch.cat_envs(pool.map(rollout_on_worker, cfg, iteration))
-                    if batch.weight_version != version:  # a worker rolled out with other weights
-                        raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
-                else:
-                    batch = rollout_on_worker(worker, cfg, iteration)
-                t2 = time.perf_counter()
-                bar.set_postfix_str(f"iteration {iteration}: learn")
-                # 3. advantages
-                valid = None
-                if run.algorithm == "grpo":
-                    advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
-                    returns = advantages
-                else:
-                    advantages, returns = compute_advantages(batch, cfg.gae)
-                # 4. PPO epochs
-                generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
-                train_step = learners.train_step if cluster.use_ray else learner.train_step
-                metrics = ppo_update(host_agent, train_step, batch, advantages, returns, cfg.sampler, cfg.optim,
-                                     cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
-                t3 = time.perf_counter()
-                # 5. log, evaluate, checkpoint
-                ended = batch.episode_success
-                record = {
-                    "iteration": iteration,
-                    "env_steps": batch.env_steps,
-                    # one episode per env, from the iteration's reset: unbiased (see first_episode_success)
-                    "success_once": float(batch.first_episode_success.float().mean()),
-                    "success_finished_episodes": float(np.mean(ended)) if ended else float("nan"),
-                    "episodes": len(ended),
-                    "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
-                    "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),
-                    "reward_per_chunk": float(batch.rewards.mean()),
-                    "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1, "time_learn_s": t3 - t2,
-                    "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9),
-                    **{k: v for k, v in metrics.items()},
-                }
-                # how far exploration moves the robot per step, in the env's units
-                explore = exploration_std_raw(batch.chain, batch.mask_dims, processor.action_scale())
-                record["explore_std_raw"] = float(np.mean(explore))
-                record["explore_std_raw_per_dim"] = [round(x, 6) for x in explore]
-                if cluster.use_ray:
-                    record["worker_restarts"] = worker_restarts_before + sum(pool.restarts)
-                    record["learner_restarts"] = learner_restarts
-                    record["weight_version"] = version
-                if run.eval_every > 0 and ((iteration + 1) % run.eval_every == 0 or iteration + 1 == run.iterations):
-                    bar.set_postfix_str(f"iteration {iteration}: evaluate")
-                    if cluster.use_ray:
-                        pool.sync(learners.snapshot_ref())
-                        result = pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
-                    else:
-                        result = evaluate_on_worker(worker, cfg, run.eval_episodes)
-                    record["eval_success_rate"] = result["success_rate"]
-                    record["eval_success_ci95"] = result["success_ci95"]
-                    record["eval_episodes"] = result["episodes"]
-                    record["eval_successes"] = result["successes"]
-                    record["eval_return"] = result["mean_return"]
-                history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
-                logger.log(record)
-                if (iteration + 1) % run.checkpoint_every == 0 or iteration + 1 == run.iterations:
-                    if cluster.use_ray:
-                        host_agent.load_state_dict(learners.get_weights(trainable_only=False), strict=False)
-                    path = out / "checkpoints" / f"iter_{iteration:06d}"
-                    save_trainer_checkpoint(path, host_agent, processor, iteration, cfg,
-                                            None if cluster.use_ray else optimizer.state_dict(),
-                                            learners if cluster.use_ray else None, history)
-                    _point_latest(out, path)
-                    last_checkpoint = str(path)
-            except learner_lost as err:
-                # The group cannot be patched: rebuild every role from the last checkpoint and repeat
-                # the iterations since (each is a function of the weights and its number).
-                learner_restarts += 1
-                if learner_restarts > cluster.max_learner_restarts:
-                    raise RuntimeError(f"the learner group was lost {learner_restarts} times "
-                                       f"(cluster.max_learner_restarts={cluster.max_learner_restarts})") from err
-                worker_restarts_before += sum(pool.restarts)
-                pool.shutdown()
-                learners.shutdown(graceful=False)
-                placement.remove()
-                lost_at = iteration
-                iteration, history = _rollback_point(last_checkpoint)
-                log.warning("learner group lost at iteration %d (%s); rebuilt from %s, going on from iteration "
-                            "%d (restart %d of %d)", lost_at, err, last_checkpoint or "the initial policy",
-                            iteration, learner_restarts, cluster.max_learner_restarts)
-                factory = functools.partial(build_agent, run.init_checkpoint, cfg.sampler, cfg.optim.trainable,
-                                            last_checkpoint)
-                pool, learners, placement = _start_ray(cfg, factory, last_checkpoint)
-                bar.n = iteration
-                bar.refresh()
-                continue
-            iteration += 1
-            bar.update(1)
-            bar.set_postfix_str(f"success {record['success_once']:.2f}"
-                                + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
-    finally:
-        console.close()
-        logger.close()
-        if cluster.use_ray:
-            pool.shutdown()
-            learners.shutdown()
-            placement.remove()
-        else:
-            worker.scratch["env"].close()
-    return {"history": history, "output_dir": str(out)}
-
-
 def _rollback_point(checkpoint: str | None) -> tuple[int, list]:
-    """(the iteration to go on from, the history up to it) after rebuilding from ``checkpoint``."""
+    """(the iteration to go on from, the history up to it) from ``checkpoint`` (None: the start)."""
     if checkpoint is None:
         return 0, []
     meta = read_metadata(checkpoint)
     return int(meta["iteration"]) + 1, list(meta.get("history", []))
 
 
-def _point_latest(out: Path, path: Path) -> None:
-    (out / "checkpoints" / "LATEST").write_text(path.name + "\n")
+# -- the loop --------------------------------------------------------------------------------------
+def train(cfg: RLConfig) -> dict:
+    run = cfg.run
+    if not run.init_checkpoint:
+        raise ValueError("run.init_checkpoint is required: a pirl policy directory (e.g. from `pirl sft`)")
+    set_seed(run.seed)
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    start_iteration, history = _rollback_point(run.resume)
+    if run.resume:
+        log.info("resuming from %s at iteration %d", run.resume, start_iteration)
+    host_agent = build_agent(run.init_checkpoint, cfg.sampler, cfg.optim.trainable, run.resume)  # the driver's copy
+    processor = processor_for(run.init_checkpoint, run.camera_map)
+    logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg))
+    roles = Roles(cfg, host_agent, run.resume)
+    with contextlib.ExitStack() as stack:  # on the way out: the bar, then the logger, then the roles
+        stack.callback(roles.shutdown)
+        stack.callback(logger.close)
+        stack.enter_context(logging_redirect_tqdm())
+        bar = stack.enter_context(progress_bar(run.iterations, "rl", initial=start_iteration))
+        iteration = start_iteration
+        while iteration < run.iterations:
+            step = functools.partial(rl_iteration, cfg, roles, processor, logger, history, bar)
+            iteration, history = roles.run(step, iteration, history)
+            bar.n = iteration
+            bar.refresh()
+    return {"history": history, "output_dir": str(out)}
 
 
-def _start_ray(cfg: RLConfig, factory, weights_source: str | None):
-    import ray
+def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: MetricLogger, history: list,
+                 bar, iteration: int) -> None:
+    """One iteration, the five steps of the module doc; its record goes to `history` and the log."""
+    run = cfg.run
+    bar.set_postfix_str(f"iteration {iteration}: rollout")
+    t0 = time.perf_counter()
+    # 1. weight sync
+    version = roles.pool.sync(roles.learners.snapshot_ref())
+    t1 = time.perf_counter()
+    # 2. rollouts
+    batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration))
+    if batch.weight_version != version:  # a worker rolled out with other weights
+        raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
+    t2 = time.perf_counter()
+    bar.set_postfix_str(f"iteration {iteration}: learn")
+    # 3. advantages
+    advantages, returns, valid = advantages_of(batch, cfg)
+    # 4. PPO epochs
+    generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
+    metrics = ppo_update(roles.host_agent, roles.learners.train_step, batch, advantages, returns, cfg.sampler,
+                         cfg.optim, cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
+    t3 = time.perf_counter()
+    # 5. log, evaluate, checkpoint
+    record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1,
+              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9), **metrics,
+              **exploration_metrics(batch, processor), **roles.placement_metrics(version)}
+    if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
+        bar.set_postfix_str(f"iteration {iteration}: evaluate")
+        roles.pool.sync(roles.learners.snapshot_ref())
+        record.update(eval_metrics(roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)))
+    history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
+    logger.log(record)
+    if _on_schedule(iteration, run.checkpoint_every, run.iterations):
+        roles.save_checkpoint(processor, iteration, history)
+    bar.set_postfix_str(f"success {record['success_once']:.2f}"
+                        + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
 
-    from rollout.learner import LearnerGroup
-    from rollout.placement import Placement
-    from rollout.worker import WorkerPool
 
-    cluster = cfg.cluster
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
-    placement_cfg, learner_cfg, pool_cfg = rollout_configs(cfg)
-    placement = Placement.create(placement_cfg)
-    learners = LearnerGroup(learner_cfg, factory, GroupedAdamW(cfg.optim), placement=placement)
-    if weights_source and Path(weights_source + ".deepspeed").exists():
-        learners.load_checkpoint(weights_source + ".deepspeed", tag="state")
-    pool = WorkerPool(pool_cfg, factory, functools.partial(setup_worker, cfg=cfg), placement=placement)
-    return pool, learners, placement
+def _on_schedule(iteration: int, every: int, iterations: int) -> bool:
+    return (iteration + 1) % every == 0 or iteration + 1 == iterations
+
+
+def advantages_of(batch: TrajectoryBatch, cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(advantages, returns, valid): chunk-level GAE (PPO) or group-relative success (GRPO, whose
+    returns are its advantages and which marks the samples to learn from)."""
+    if cfg.run.algorithm == "grpo":
+        advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
+        return advantages, advantages, valid
+    advantages, returns = compute_advantages(batch, cfg.gae)
+    return advantages, returns, None
+
+
+def rollout_metrics(batch: TrajectoryBatch) -> dict:
+    ended = batch.episode_success
+    return {
+        "env_steps": batch.env_steps,
+        # one episode per env, from the iteration's reset: unbiased (see first_episode_success)
+        "success_once": float(batch.first_episode_success.float().mean()),
+        "success_finished_episodes": float(np.mean(ended)) if ended else float("nan"),
+        "episodes": len(ended),
+        "return": float(np.mean(batch.episode_returns)) if ended else float("nan"),
+        "episode_length": float(np.mean(batch.episode_lengths)) if ended else float("nan"),
+        "reward_per_chunk": float(batch.rewards.mean()),
+    }
+
+
+def exploration_metrics(batch: TrajectoryBatch, processor: Processor) -> dict:
+    """How far exploration moves the robot per step, in the env's units."""
+    explore = exploration_std_raw(batch.chain, batch.mask_dims, processor.action_scale())
+    return {"explore_std_raw": float(np.mean(explore)), "explore_std_raw_per_dim": [round(x, 6) for x in explore]}
+
+
+def eval_metrics(result: dict) -> dict:
+    return {"eval_success_rate": result["success_rate"], "eval_success_ci95": result["success_ci95"],
+            "eval_episodes": result["episodes"], "eval_successes": result["successes"],
+            "eval_return": result["mean_return"]}
 
 
 def rollout_configs(cfg: RLConfig):

@@ -5,7 +5,8 @@
     ppo_update        PPO epochs over minibatches on one learner       (METHODS.md §2-4)
     evaluate          ODE sampling, fixed seeds -> success table
 
-`pirl.train.rl` places these on Ray workers and DeepSpeed learners; tests call them directly.
+`pirl.train.rl` places these on Ray workers and DeepSpeed learners; tests call them directly. The env
+and the learner's step they take are typed in `pirl.train.protocols` (`ChunkEnv`, `TrainStep`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pirl.flow.policy import chain_log_prob, sample_chain
 from pirl.flow.steps import FixedNoiseRule, LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
 from pirl.train.logger import progress_bar
+from pirl.train.protocols import ChunkEnv, TrainStep
 from vla.policy import FlowPolicy
 from vla.normalize import NormStats, raw_to_normalized_std
 from vla.processor import Processor
@@ -203,7 +205,7 @@ def state_value(agent: Agent, processor: Processor, obs: dict) -> Tensor:
     return agent.value_head.value(agent.policy, agent.policy.embed_prefix(inputs))
 
 
-def collect_rollout(agent: Agent, processor: Processor, env: Any, obs: dict, num_chunks: int, n_exec: int,
+def collect_rollout(agent: Agent, processor: Processor, env: ChunkEnv, obs: dict, num_chunks: int, n_exec: int,
                     sampler: SamplerConfig, generator: torch.Generator, weight_version: int = 0):
     """Steps `env` for `num_chunks` chunks from `obs`; returns (TrajectoryBatch, next obs).
 
@@ -384,7 +386,7 @@ def ppo_loss(agent: Agent, mb: PPOMinibatch, sampler: SamplerConfig, optim: Opti
 
 def ppo_update(
     agent: Agent,
-    train_step,
+    train_step: TrainStep,
     batch: TrajectoryBatch,
     advantages: Tensor,
     returns: Tensor,
@@ -532,8 +534,8 @@ class PolicyActor:
 
 
 @torch.no_grad()
-def evaluate(agent: Agent | None, processor: Processor | None, env: Any, episodes: int, n_exec: int, num_steps: int,
-             seed: int, max_chunks: int = 10_000, actor=None) -> dict[str, Any]:
+def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, episodes: int, n_exec: int,
+             num_steps: int, seed: int, max_chunks: int = 10_000, actor=None) -> dict[str, Any]:
     """Deterministic (ODE) evaluation of exactly the first episode of each seed in
     [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
     s + i once. Counting whichever episodes finish first instead would favour quick successes. Each

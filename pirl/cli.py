@@ -170,7 +170,7 @@ def guided_sampler(data: dict, policy, processor, checkpoint: str, num_steps: in
     cfg = guidance_config(data["guidance"], action_mode)
     if cfg.method == "none":
         if data.get("critic"):
-            raise SystemExit("pirl eval: critic= is only used with guidance= (e.g. guidance=qgf guidance.weight=0.1)")
+            raise SystemExit("pirl eval: critic= is only used with guidance= (e.g. guidance=qgf guidance.weight=10)")
         return None
     if not data.get("critic"):
         raise SystemExit(f"pirl eval: guidance={cfg.method} needs critic=DIR (a critic written by `pirl critic`)")

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, list[str], list[str], list[tuple[str, str, str]]]
              ["pirl eval checkpoint=DIR [key=value ...]", "pirl eval policy=ws://HOST:PORT [key=value ...]"],
              ["pirl eval checkpoint=assets/pickcube_tiny_sft_v3 episodes=64",
               "pirl eval checkpoint=assets/pickcube_tiny_sft_v3 num_steps=10 env.max_episode_steps=50",
-              "pirl eval checkpoint=DIR guidance=qgf guidance.weight=0.1 critic=runs/critic"],
+              "pirl eval checkpoint=DIR guidance=qgf guidance.weight=10 critic=DIR_critic   (w chosen by bench/guidance.py)"],
              []),
     "collect": ("run a policy and write what happened as a LeRobot dataset (rewards, dones, chunk starts)",
                 ["pirl collect checkpoint=DIR out=DIR [key=value ...]"],

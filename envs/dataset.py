@@ -139,30 +139,61 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
                           robot_type: str | None = None, image_mode: str = "image",
                           extra_info: dict | None = None) -> dict:
     """Write episodes as a LeRobot v3.0 dataset (one data file, one episodes file). Returns info."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if image_mode not in ("image", "video"):
         raise ValueError("image_mode: image | video")
     if not episodes:
         raise ValueError("write_lerobot_dataset: no episodes")
     if os.path.exists(os.path.join(root, "meta", "info.json")):
         raise FileExistsError(f"{root} already holds a dataset")
+    step_fields = _check_episodes(episodes)
+    cams = list(episodes[0].images)
+    tasks = sorted({ep.prompt for ep in episodes})
+    img_key = {cam: f"observation.images.{cam}" for cam in cams}
+    columns, ep_rows = _frame_columns(episodes, fps, image_mode, img_key, step_fields, tasks)
+    arrays = _write_data(root, episodes, columns, img_key, step_fields, fps, image_mode)
+    _write_episodes_meta(root, episodes, ep_rows, tasks)
+    features = _features(episodes, arrays, img_key, step_fields, fps, image_mode, state_names, action_names)
+    info = {
+        "codebase_version": "v3.0",
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": sum(len(ep.actions) for ep in episodes),
+        "total_tasks": len(tasks),
+        "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": ("videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+                       if image_mode == "video" and cams else None),
+        "features": features,
+    }
+    if extra_info:
+        info["pirl"] = extra_info
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:  # last: its presence marks a complete dataset
+        json.dump(info, f, indent=4)
+    return info
+
+
+def _check_episodes(episodes: Sequence[Episode]) -> list[str]:
+    """Same cameras and sizes everywhere, optional per-step fields set in all episodes or none;
+    returns the per-step fields present."""
     cams = list(episodes[0].images)
     state_dim, action_dim = episodes[0].state.shape[1], episodes[0].actions.shape[1]
     for ep in episodes:
         if list(ep.images) != cams or ep.state.shape[1] != state_dim or ep.actions.shape[1] != action_dim:
             raise ValueError("all episodes need the same cameras, state and action sizes")
-    step_fields = [name for name in STEP_COLUMNS if getattr(episodes[0], name) is not None]
     for name in [*STEP_COLUMNS, "final_state"]:
         if len({getattr(ep, name) is None for ep in episodes}) > 1:
             raise ValueError(f"episode field {name!r} is set in some episodes but not in others")
+    return [name for name in STEP_COLUMNS if getattr(episodes[0], name) is not None]
 
-    tasks = sorted({ep.prompt for ep in episodes})
+
+def _frame_columns(episodes, fps: int, image_mode: str, img_key: dict, step_fields: list[str], tasks: list[str]
+                   ) -> tuple[dict[str, list], list[dict]]:
+    """The data file's columns (one entry per frame) and the episodes file's rows."""
     task_index = {t: i for i, t in enumerate(tasks)}
-    img_key = {cam: f"observation.images.{cam}" for cam in cams}
-
     columns: dict[str, list] = {k: [] for k in ["observation.state", "action", *img_key.values(),
                                                  "timestamp", "frame_index", "episode_index",
                                                  "index", "task_index"]}
@@ -178,8 +209,8 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
         columns["observation.state"] += list(ep.state)
         columns["action"] += list(ep.actions)
         if image_mode == "image":
-            for cam in cams:
-                columns[img_key[cam]] += [{"bytes": _png_bytes(f), "path": None} for f in ep.images[cam]]
+            for cam, key in img_key.items():
+                columns[key] += [{"bytes": _png_bytes(f), "path": None} for f in ep.images[cam]]
         columns["timestamp"] += (np.arange(length) / fps).astype(np.float32).tolist()
         columns["frame_index"] += list(range(length))
         columns["episode_index"] += [e] * length
@@ -202,10 +233,17 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
                 row[f"videos/{key}/to_timestamp"] = (start + length) / fps
         ep_rows.append(row)
         start += length
-    total = start
+    return columns, ep_rows
 
+
+def _write_data(root: str, episodes, columns: dict[str, list], img_key: dict, step_fields: list[str], fps: int,
+                image_mode: str) -> dict:
+    """data/chunk-000/file-000.parquet (and the videos in video mode); returns the written arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    state_dim, action_dim = episodes[0].state.shape[1], episodes[0].actions.shape[1]
     os.makedirs(os.path.join(root, "data", "chunk-000"), exist_ok=True)
-    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"), exist_ok=True)
     arrays = {
         "observation.state": pa.array([s.tolist() for s in columns["observation.state"]],
                                       type=pa.list_(pa.float32(), state_dim)),
@@ -225,15 +263,20 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
         arrays["next.done"] = pa.array(np.logical_or(columns["next.terminated"], columns["next.truncated"]).tolist(),
                                        type=pa.bool_())
     pq.write_table(pa.table(arrays), os.path.join(root, "data", "chunk-000", "file-000.parquet"))
-
     if image_mode == "video":
         from .video import write_mp4
 
         for cam, key in img_key.items():
             frames = [f for ep in episodes for f in ep.images[cam]]
             write_mp4(os.path.join(root, "videos", key, "chunk-000", "file-000.mp4"), frames, fps)
+    return arrays
 
-    # Per-episode stats columns ("stats/<feature>/<stat>") as LeRobot v3 keeps them.
+
+def _write_episodes_meta(root: str, episodes, ep_rows: list[dict], tasks: list[str]) -> None:
+    """meta/episodes (with LeRobot v3's per-episode "stats/<feature>/<stat>" columns), meta/tasks, meta/stats."""
+    import pandas as pd
+
+    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"), exist_ok=True)
     for row, ep in zip(ep_rows, episodes):
         for feature, values in (("observation.state", ep.state), ("action", ep.actions)):
             for stat, value in compute_stats(values).items():
@@ -242,14 +285,17 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
                                      index=False)
     pd.DataFrame({"task_index": list(range(len(tasks)))}, index=pd.Index(tasks, name="task")).to_parquet(
         os.path.join(root, "meta", "tasks.parquet"))
-
     all_state = np.concatenate([ep.state for ep in episodes])
     all_action = np.concatenate([ep.actions for ep in episodes])
     stats = {"observation.state": compute_stats(all_state), "action": compute_stats(all_action)}
     with open(os.path.join(root, "meta", "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
 
-    height, width = (episodes[0].images[cams[0]].shape[1:3] if cams else (0, 0))
+
+def _features(episodes, arrays: dict, img_key: dict, step_fields: list[str], fps: int, image_mode: str,
+              state_names, action_names) -> dict[str, Any]:
+    """info.json's feature table."""
+    state_dim, action_dim = episodes[0].state.shape[1], episodes[0].actions.shape[1]
     features: dict[str, Any] = {
         "observation.state": {"dtype": "float32", "shape": [state_dim],
                               "names": list(state_names) if state_names else None},
@@ -269,27 +315,7 @@ def write_lerobot_dataset(root: str, episodes: Sequence[Episode], fps: int, *,
         features[key] = {"dtype": dtype, "shape": [1], "names": None}
     for key in [STEP_COLUMNS[name][0] for name in step_fields] + (["next.done"] if "next.done" in arrays else []):
         features[key] = {"dtype": "float32" if key == "next.reward" else "bool", "shape": [1], "names": None}
-    info = {
-        "codebase_version": "v3.0",
-        "robot_type": robot_type,
-        "total_episodes": len(episodes),
-        "total_frames": total,
-        "total_tasks": len(tasks),
-        "chunks_size": 1000,
-        "data_files_size_in_mb": 100,
-        "video_files_size_in_mb": 200,
-        "fps": fps,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-        "video_path": ("videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-                       if image_mode == "video" and cams else None),
-        "features": features,
-    }
-    if extra_info:
-        info["pirl"] = extra_info
-    with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(info, f, indent=4)
-    return info
+    return features
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,10 +203,8 @@ def _metadata(cfg: CriticTrainConfig, policy) -> dict:
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def train_critic(cfg: CriticTrainConfig) -> Path:
-    """Runs `pirl critic`; returns OUT (holding critic.safetensors and critic.json)."""
-    from pirl.train.common import load_bundle, set_seed
-
+def _checked_out_dir(cfg: CriticTrainConfig) -> Path:
+    """The output directory, after the checks that need no loading (one clear line each)."""
     if not cfg.checkpoint:
         raise ValueError("critic: checkpoint= is required (the policy whose features the critic reads)")
     if not (Path(cfg.checkpoint) / "config.json").exists():
@@ -216,12 +214,11 @@ def train_critic(cfg: CriticTrainConfig) -> Path:
     out = cfg.out_dir
     if out.resolve() == Path(cfg.checkpoint).resolve() or Path(cfg.checkpoint).resolve() in out.resolve().parents:
         raise ValueError(f"critic: out={out} is inside the policy checkpoint; write the critic next to it")
-    set_seed(cfg.seed)
-    policy, processor = load_bundle(cfg.checkpoint, device=cfg.device)
-    policy.requires_grad_(False)
-    source = resolve_feature_source(policy, cfg.feature_source)
-    metadata = _metadata(cfg, policy)
+    return out
 
+
+def _resumable(cfg: CriticTrainConfig, out: Path, metadata: dict) -> Path | None:
+    """OUT's latest checkpoint when resuming, checked to belong to the same policy and data."""
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
         stored = read_critic_meta(resume_from)["metadata"]
@@ -231,6 +228,40 @@ def train_critic(cfg: CriticTrainConfig) -> Path:
         if stored.get("data") != metadata["data"]:
             raise ValueError(f"critic: {out} was trained on data {stored.get('data')}, not {metadata['data']}; "
                              "pass another out= or resume=false")
+    return resume_from
+
+
+def _start(cfg: CriticTrainConfig, config: CriticConfig, policy, train_data, resume_from: Path | None):
+    """(critic, optimizer, sampling generator, first step): fresh, or exactly where a checkpoint left off."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if resume_from is None:
+        torch.manual_seed(cfg.seed)
+        critic = ChunkCritic(config)
+        critic.set_feature_stats(train_data.features[train_data.obs.unique()])
+        return critic, make_optimizer(critic, cfg.lr, cfg.weight_decay), generator, 0
+    critic = load_critic(resume_from, policy)
+    if critic.config != config:
+        raise ValueError(f"critic: {resume_from} has config {critic.config}, this run asks for {config}")
+    critic.train()
+    optimizer = make_optimizer(critic, cfg.lr, cfg.weight_decay)
+    state = torch.load(resume_from / "train_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    log.info("critic: resuming from %s at step %d", resume_from, int(state["step"]))
+    return critic, optimizer, generator, int(state["step"])
+
+
+def train_critic(cfg: CriticTrainConfig) -> Path:
+    """Runs `pirl critic`; returns OUT (holding critic.safetensors and critic.json)."""
+    from pirl.train.common import load_bundle, set_seed
+
+    out = _checked_out_dir(cfg)
+    set_seed(cfg.seed)
+    policy, processor = load_bundle(cfg.checkpoint, device=cfg.device)
+    policy.requires_grad_(False)
+    source = resolve_feature_source(policy, cfg.feature_source)
+    metadata = _metadata(cfg, policy)
+    resume_from = _resumable(cfg, out, metadata)
 
     started = time.perf_counter()
     data = build_critic_data(policy, processor, list(cfg.data), cfg.horizon, reward=cfg.reward, starts=cfg.starts,
@@ -246,24 +277,7 @@ def train_critic(cfg: CriticTrainConfig) -> Path:
     config = CriticConfig(feature_dim=feature_dim(policy, source), state_dim=processor.norm_stats["state"].dim,
                           horizon=cfg.horizon, action_dims=processor.action_dims, feature_source=source,
                           hidden=tuple(cfg.hidden), num_q=cfg.num_q, layer_norm=cfg.layer_norm)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if resume_from is not None:
-        critic = load_critic(resume_from, policy)
-        if critic.config != config:
-            raise ValueError(f"critic: {resume_from} has config {critic.config}, this run asks for {config}")
-        critic.train()
-        optimizer = make_optimizer(critic, cfg.lr, cfg.weight_decay)
-        state = torch.load(resume_from / "train_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_step = int(state["step"])
-        log.info("critic: resuming from %s at step %d", resume_from, start_step)
-    else:
-        torch.manual_seed(cfg.seed)
-        critic = ChunkCritic(config)
-        critic.set_feature_stats(train_data.features[train_data.obs.unique()])
-        optimizer = make_optimizer(critic, cfg.lr, cfg.weight_decay)
-        start_step = 0
+    critic, optimizer, generator, start_step = _start(cfg, config, policy, train_data, resume_from)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(metadata["train_config"], indent=2))

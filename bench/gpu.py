@@ -342,6 +342,15 @@ def fmt(x, spec=".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def table(lines: list[str], rows, title: str, header: list[str], cells) -> None:
+    """Appends a markdown table of `rows` (a part's result list), or the part's error in one line."""
+    if isinstance(rows, list):
+        lines += [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in cells(x)) + " |" for x in rows] + [""]
+    elif rows:
+        lines += [f"{title} FAILED: {rows}", ""]
+
+
 def to_markdown(r: dict) -> str:
     lines = [f"GPU benchmark on {r['device_name']} (torch {r['torch']}, spec bf16 peak "
              f"{fmt(r['spec_peak_tflops'], '.0f')} TFLOP/s).", ""]
@@ -365,39 +374,20 @@ def to_markdown(r: dict) -> str:
                          f"| {fmt(row.get('ratio_to_floor'))} | {fmt(row.get('recompute_ms'))} "
                          f"| {fmt(row.get('prefix_cache_speedup'), '.2f')} | {fmt(row['peak_memory_mb'], '.0f')} |")
         lines.append("")
-    rows = r.get("transformers_pi0")
-    if isinstance(rows, list):
-        lines += ["pirl against transformers' PI0 (same weights, inputs and noise; chunk latency):", "",
-                  "| config | dtype | batch | K | pirl (ms) | transformers (ms) | ratio | max action diff |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for row in rows:
-            lines.append(f"| {row['config']} | {row['dtype']} | {row['batch']} | {row['K']} | {row['pirl_ms']:.1f} "
-                         f"| {row['transformers_ms']:.1f} | {row['latency_ratio']:.2f} | {row['max_action_diff']:.1e} |")
-        lines.append("")
-    elif rows:
-        lines += [f"transformers PI0: {rows}", ""]
-    rows = r.get("guidance")
-    if isinstance(rows, list):
-        lines += ["Guided sampling (`pirl.guidance`) with a known quadratic Q, per chunk of the batch:", "",
-                  "| config | batch | K | method | w | N | ms | x plain | mean Q | finite |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in rows:
-            lines.append(f"| {row['config']} | {row['batch']} | {row['K']} | {row['method']} | {row['weight']} | {row['n']} "
-                         f"| {row['ms']:.1f} | {row['x_plain']:.2f} | {row['mean_q']:.2f} | {row['finite']} |")
-        lines.append("")
-    elif rows:
-        lines += [f"guidance: {rows}", ""]
-    rows = r.get("ppo")
-    if isinstance(rows, list):
-        lines += ["One PPO optimizer step (prefix, chain log-prob recompute, value head, backward, AdamW):", "",
-                  "| config | minibatch | trainable (M params) | stochastic steps | step (ms) | samples/s | peak memory (MB) "
-                  "| + DeepSpeed fp32 master (GB) |", "|---|---|---|---|---|---|---|---|"]
-        for row in rows:
-            lines.append(f"| {row['config']} | {row['minibatch']} | {row['trainable']} ({row['trainable_params_m']:.0f}) "
-                         f"| {row['mask']} of K={row['K']} | {row['step_ms']:.0f} | {row['samples_per_s']:.1f} "
-                         f"| {fmt(row['peak_memory_mb'], '.0f')} | {row['deepspeed_master_extra_gb']:.1f} |")
-        lines.append("")
-    elif rows:
-        lines += [f"PPO: {rows}", ""]
+    table(lines, r.get("transformers_pi0"), "pirl against transformers' PI0 (same weights, inputs and noise; chunk latency):",
+          ["config", "dtype", "batch", "K", "pirl (ms)", "transformers (ms)", "ratio", "max action diff"],
+          lambda x: [x["config"], x["dtype"], x["batch"], x["K"], f"{x['pirl_ms']:.1f}", f"{x['transformers_ms']:.1f}",
+                     f"{x['latency_ratio']:.2f}", f"{x['max_action_diff']:.1e}"])
+    table(lines, r.get("guidance"), "Guided sampling (`pirl.guidance`) with a known quadratic Q, per chunk of the batch:",
+          ["config", "batch", "K", "method", "w", "N", "ms", "x plain", "mean Q", "finite"],
+          lambda x: [x["config"], x["batch"], x["K"], x["method"], x["weight"], x["n"], f"{x['ms']:.1f}",
+                     f"{x['x_plain']:.2f}", f"{x['mean_q']:.2f}", x["finite"]])
+    table(lines, r.get("ppo"), "One PPO optimizer step (prefix, chain log-prob recompute, value head, backward, AdamW):",
+          ["config", "minibatch", "trainable (M params)", "stochastic steps", "step (ms)", "samples/s",
+           "peak memory (MB)", "+ DeepSpeed fp32 master (GB)"],
+          lambda x: [x["config"], x["minibatch"], f"{x['trainable']} ({x['trainable_params_m']:.0f})",
+                     f"{x['mask']} of K={x['K']}", f"{x['step_ms']:.0f}", f"{x['samples_per_s']:.1f}",
+                     fmt(x["peak_memory_mb"], ".0f"), f"{x['deepspeed_master_extra_gb']:.1f}"])
     lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in r.get("part_seconds", {}).items()))
     return "\n".join(lines) + "\n"
 

@@ -310,7 +310,6 @@ def test_cli_errors_are_one_line(tmp_path):
 # -- the real simulator ---------------------------------------------------------------------------------
 @pytest.mark.sim
 def test_collect_on_pickcube_writes_a_dataset_the_critic_trains_on(tmp_path, capsys):
-    pytest.importorskip("mani_skill")
     out = tmp_path / "rollouts"
     code = main(["collect", f"checkpoint={SHIPPED}", "episodes=2", "num_envs=2", f"out={out}",
                  "env.max_episode_steps=15", "seed=3", "sampler.explore_std=[0.05]", "sampler.mask_low=-1"])

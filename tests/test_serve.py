@@ -28,7 +28,7 @@ from pirl.serve.policy import ServedPolicy
 from pirl.serve.protocol import DecodeError, packb, parse_error, unpackb
 from pirl.serve.server import ServerThread
 from pirl.train.common import load_bundle
-from pirl.train.rl_core import PolicyActor, seeded_noise
+from pirl.train.rl_core import PolicyActor, seeded_noise, seeded_noise_stream
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = str(REPO / "assets" / "pickcube_tiny_sft_v3")
@@ -377,8 +377,8 @@ def test_served_guided_actions_equal_local_guided(tmp_path, local, guidance):
     cfg_model = policy.config
     generators, noise = [], []
     for seed in seeds:  # what the server does for {"seed": seed, "noise_index": 0}
-        g = torch.Generator().manual_seed(seed)
-        noise.append(torch.randn(cfg_model.action_horizon, cfg_model.action_dim, generator=g))
+        g, n = seeded_noise_stream(seed, 0, cfg_model.action_horizon, cfg_model.action_dim)
+        noise.append(n)
         generators.append(g)
     expected = guided.actions({"images": {}, "state": s, "prompt": [PROMPT] * 3}, torch.stack(noise), generators)
     plain = local_actions(local, s, seeds)

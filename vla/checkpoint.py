@@ -121,6 +121,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def atomic_file(path: str | os.PathLike, write) -> None:
+    """`write(tmp_path)` to a temporary sibling, fsync, then one rename onto `path`: a reader sees the old
+    file or the new one, never half of one (for single files in a directory that holds other things)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # -- naming ----------------------------------------------------------------------------------------
 _RENAMES: list[tuple[re.Pattern, str]] = [
     # transformers' PI0 layout

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vla.checkpoint import atomic_file
 from vla.policy import FlowPolicy, Prefix
 
 FEATURE_SOURCES = ("auto", "expert", "prefix", "both")
@@ -283,17 +284,6 @@ def policy_config_dict(policy: FlowPolicy) -> dict:
     return data
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_critic(directory: str | os.PathLike, critic: ChunkCritic, metadata: dict | None = None) -> Path:
     """Writes DIR/critic.safetensors and DIR/critic.json (config, metadata, the weights' sha256), each
     file replaced atomically; `load_critic` checks that the two belong together."""
@@ -303,10 +293,10 @@ def save_critic(directory: str | os.PathLike, critic: ChunkCritic, metadata: dic
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in critic.state_dict().items()}
     weights = directory / "critic.safetensors"
-    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    atomic_file(weights, lambda p: save_file(state, str(p)))
     meta = {"format": CRITIC_FORMAT, "config": dataclasses.asdict(critic.config),
             "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "metadata": metadata or {}}
-    _atomic_write(directory / "critic.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    atomic_file(directory / "critic.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     return directory
 
 

@@ -5,7 +5,7 @@ computed once (`pirl.critic.data`), then every step samples a minibatch of chunk
     V   <- expectile(min_j Qbar_j(s, a) - V(s), kappa)
     Q_j <- (Q_j(s, a) - y)^2,  y = sum_{i<h} gamma^i r + gamma^h m V(s')   (V not differentiated)
     Qbar <- Polyak(Qbar, Q, tau)
-Checkpoints go to OUT/checkpoints/step_XXXXXXX (atomic directories: critic + optimizer + sampler
+Checkpoints go to OUT/checkpoints/step_0005000 (the step, 7 digits) (atomic directories: critic + optimizer + sampler
 state); the latest is resumed when the same command runs again. OUT/critic.{safetensors,json} is the
 critic to use (`pirl.critic.q.load_critic`). OUT defaults to a sibling of the policy directory,
 `<policy>_critic`: the policy checkpoint itself is never written to.

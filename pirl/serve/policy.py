@@ -26,7 +26,7 @@ import torch
 
 from pirl.serve.config import ServeConfig
 from pirl.serve.inputs import InputSpec, RequestError
-from pirl.train.rl_core import PolicyActor, ode_sample_fn, seeded_noise
+from pirl.train.rl_core import PolicyActor, ode_sample_fn, seeded_noise, seeded_noise_stream
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,7 @@ class ServedPolicy:
         horizon, dim = self.chunk_shape
         generators, noises = [], []
         for r in rows:
-            g = torch.Generator().manual_seed(r.seed)
-            for _ in range(r.noise_index + 1):
-                noise = torch.randn(horizon, dim, generator=g)
+            g, noise = seeded_noise_stream(r.seed, r.noise_index, horizon, dim)
             generators.append(g)
             noises.append(noise)
         inputs = rows[0].inputs if len(rows) == 1 else stack_inputs([r.inputs for r in rows])

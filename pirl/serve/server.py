@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
@@ -37,6 +38,7 @@ from websockets.protocol import State
 from pirl.serve.config import ServeConfig
 from pirl.serve.inputs import RequestError
 from pirl.serve.protocol import DecodeError, error_text, packb, unpackb
+from vla.checkpoint import atomic_file
 
 log = logging.getLogger("pirl.serve")
 
@@ -244,10 +246,7 @@ class PolicyServer:
         self.port = server.sockets[0].getsockname()[1]
         batcher = asyncio.create_task(self._batcher())
         if self.cfg.port_file:
-            tmp = f"{self.cfg.port_file}.tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{self.cfg.host} {self.port}\n")
-            os.replace(tmp, self.cfg.port_file)
+            atomic_file(self.cfg.port_file, lambda p: Path(p).write_text(f"{self.cfg.host} {self.port}\n"))
         log.info("pirl serve: ws://%s:%d  (max_batch %d, max_wait %.1f ms, %s)", self.cfg.host, self.port,
                  self.cfg.max_batch, self.cfg.max_wait_ms, "API key required" if self.api_key else "no API key")
         self._ready.set()

@@ -458,14 +458,20 @@ class LocalLearner:
                 **{k: float(v) for k, v in metrics.items()}}
 
 
-def seeded_noise(seed: int, index: int, horizon: int, action_dim: int) -> Tensor:
-    """The initial noise [H, D] of chunk `index` under `seed`: the `index`-th draw of a CPU generator
-    seeded with `seed`. What `PolicyActor` draws for chunk `index` of an episode reset with that seed,
-    and what a served request with {"seed": seed, "noise_index": index} gets (`pirl.serve`)."""
+def seeded_noise_stream(seed: int, index: int, horizon: int, action_dim: int) -> tuple[torch.Generator, Tensor]:
+    """(generator, noise [H, D]): the `index`-th [H, D] draw of a CPU generator seeded with `seed`, and
+    that generator after it (a guided sampler draws its extra candidates from it). What `PolicyActor`
+    draws for chunk `index` of an episode reset with that seed, and what a served request with
+    {"seed": seed, "noise_index": index} gets (`pirl.serve`)."""
     generator = torch.Generator().manual_seed(int(seed))
     for _ in range(index):
         torch.randn(horizon, action_dim, generator=generator)
-    return torch.randn(horizon, action_dim, generator=generator)
+    return generator, torch.randn(horizon, action_dim, generator=generator)
+
+
+def seeded_noise(seed: int, index: int, horizon: int, action_dim: int) -> Tensor:
+    """The noise of `seeded_noise_stream` alone."""
+    return seeded_noise_stream(seed, index, horizon, action_dim)[1]
 
 
 def ode_sample_fn(policy: FlowPolicy, num_steps: int):

@@ -83,39 +83,60 @@ def _get_dotted(data: dict, key: str):
     return data
 
 
-def checkpoint_defaults(command: str, data: dict, argv: list[str], checkpoint: str, targets: dict[str, str]
-                        ) -> list[str]:
-    """Fills `data` with the checkpoint's recorded rollout settings (rollout.json: env, num_steps,
-    n_exec, camera_map -> the config keys in `targets`) where the command line did not set them; prints
-    one line naming what came from the checkpoint and returns those keys."""
-    from vla.checkpoint import read_rollout
+def _env_defaults(data: dict, given: set[str], recorded: dict) -> tuple[list[str], list[str]]:
+    """Merges the recorded env settings into data["env"] below the command line's; returns the settings
+    taken from `recorded` and the command line's settings that differ from it."""
+    current = dict(data["env"])
+    if "env" in given:  # another env group chosen: none of the recorded env applies
+        return [], [f"env.{k}={current[k]} (recorded {v})" for k, v in recorded.items() if current.get(k, v) != v]
+    same_sim = recorded.get("simulator", current.get("simulator")) == current.get("simulator")
+    merged = {**(current if same_sim else {}), **recorded}
+    for o in sorted(given):
+        if o.startswith("env."):
+            _set_dotted(merged, o[4:], _get_dotted(data["env"], o[4:]))
+    data["env"] = merged
+    applied = [f"env.{k}={merged[k]}" for k in recorded if f"env.{k}" not in given and current.get(k) != merged[k]]
+    overridden = [f"env.{k}={merged[k]} (recorded {recorded[k]})" for k in recorded
+                  if f"env.{k}" in given and merged[k] != recorded[k]]
+    return applied, overridden
 
-    rollout = read_rollout(checkpoint)
+
+def rollout_defaults(command: str, data: dict, argv: list[str], rollout: dict, source: str, targets: dict[str, str]
+                     ) -> list[str]:
+    """Fills `data` with recorded rollout settings (`rollout`, as in a checkpoint's rollout.json: env,
+    num_steps, n_exec, camera_map -> the config keys in `targets`) where the command line did not set
+    them. Prints one line naming what came from `source` and, if any, one naming the command line's
+    settings that differ from it (they win); returns the keys taken from `source`."""
     given = _given_keys(argv)
     applied: list[str] = []
+    overridden: list[str] = []
     for key, dest in targets.items():
         if key not in rollout:
             continue
         if key == "env":
-            if "env" in given:  # another env group chosen: none of the checkpoint's env applies
-                continue
-            current, recorded = dict(data["env"]), rollout["env"]
-            same_sim = recorded.get("simulator", current.get("simulator")) == current.get("simulator")
-            merged = {**(current if same_sim else {}), **recorded}
-            for o in sorted(given):
-                if o.startswith("env."):
-                    _set_dotted(merged, o[4:], _get_dotted(data["env"], o[4:]))
-            applied += [f"env.{k}={merged[k]}" for k in recorded
-                        if f"env.{k}" not in given and current.get(k) != merged[k]]
-            data["env"] = merged
-        elif dest not in given:
+            taken, differing = _env_defaults(data, given, rollout["env"])
+            applied, overridden = applied + taken, overridden + differing
+        elif dest in given:
+            if _get_dotted(data, dest) != rollout[key]:
+                overridden.append(f"{dest}={_get_dotted(data, dest)} (recorded {rollout[key]})")
+        else:
             if _get_dotted(data, dest) != rollout[key]:
                 applied.append(f"{dest}={rollout[key]}")
             _set_dotted(data, dest, rollout[key])
     if applied:
-        print(f"pirl {command}: from {checkpoint}/rollout.json (the settings it was trained with): "
-              f"{', '.join(applied)}; set any on the command line to override")
+        print(f"pirl {command}: from {source}: {', '.join(applied)}; set any on the command line to override")
+    if overridden:
+        print(f"pirl {command}: the command line differs from {source}: {', '.join(overridden)}")
     return applied
+
+
+def checkpoint_defaults(command: str, data: dict, argv: list[str], checkpoint: str, targets: dict[str, str]
+                        ) -> list[str]:
+    """`rollout_defaults` from the checkpoint's recorded rollout settings (`vla.checkpoint.read_rollout`)."""
+    from vla.checkpoint import read_rollout
+
+    return rollout_defaults(command, data, argv, read_rollout(checkpoint),
+                            f"{checkpoint}/rollout.json (the settings it was trained with)", targets)
 
 
 def compose_train(overrides: list[str]) -> RLConfig:
@@ -178,6 +199,39 @@ def guided_sampler(data: dict, policy, processor, checkpoint: str, num_steps: in
     return GuidedSampler(policy, critic, cfg, num_steps)
 
 
+EVAL_ROLLOUT_KEYS = {"env": "env", "num_steps": "num_steps", "n_exec": "n_exec"}
+"""Rollout setting -> `pirl eval` config key, for a served policy and a local checkpoint alike; a local one
+also takes camera_map (a served one maps its cameras itself)."""
+
+
+def remote_actor(data: dict, argv: list[str], url: str):
+    """`pirl eval policy=ws://...`: a RemoteActor on the served policy, and the served checkpoint's rollout
+    settings (metadata "rollout", num_steps the served K) filled into `data` by `rollout_defaults`, as a local
+    eval takes its checkpoint's; returns the actor and the keys taken from the server."""
+    from pirl.serve.client import RemoteActor
+    from vla.checkpoint import validate_rollout
+
+    if data["guidance"]["method"] != "none" or data.get("critic"):
+        raise SystemExit("pirl eval: with policy=ws://... guidance runs on the server (pirl serve guidance=...)")
+    actor = RemoteActor(url, api_key=data.get("api_key"), num_envs=data["num_envs"])
+    meta = actor.metadata
+    try:
+        served_k = {"num_steps": meta["num_steps"]} if "num_steps" in meta else {}
+        rollout = validate_rollout({**(meta.get("rollout") or {}), **served_k}, url)
+        if "num_steps" in _given_keys(argv) and data["num_steps"] != rollout.get("num_steps", data["num_steps"]):
+            raise SystemExit(f"pirl eval: num_steps={data['num_steps']}, but {url} samples with K="
+                             f"{rollout['num_steps']}; K is the server's (pirl serve num_steps=...)")
+        applied = rollout_defaults("eval", data, argv, rollout, f"{url} (the served checkpoint's rollout settings)",
+                                   EVAL_ROLLOUT_KEYS)
+        if meta.get("action_horizon", data["n_exec"]) < data["n_exec"]:
+            raise SystemExit(f"pirl eval: n_exec={data['n_exec']} > the served action horizon "
+                             f"{meta['action_horizon']}")
+    except BaseException:
+        actor.close()
+        raise
+    return actor, applied
+
+
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
@@ -191,9 +245,11 @@ def cmd_eval(argv: list[str]) -> int:
     if bool(remote) == bool(data["checkpoint"]):
         raise SystemExit("pirl eval: set exactly one of checkpoint=DIR or policy=ws://host:port")
     checkpoint = resolve_path(data["checkpoint"]) if not remote else None
-    from_checkpoint = (checkpoint_defaults("eval", data, argv, checkpoint,
-                                           {"env": "env", "num_steps": "num_steps", "n_exec": "n_exec",
-                                            "camera_map": "camera_map"}) if checkpoint else [])
+    if remote:  # the same episode loop; actions come from the server (pirl.serve.client.RemoteActor)
+        actor, from_checkpoint = remote_actor(data, argv, remote)
+    else:
+        from_checkpoint = checkpoint_defaults("eval", data, argv, checkpoint,
+                                              {**EVAL_ROLLOUT_KEYS, "camera_map": "camera_map"})
     default_out = (Path("runs") / "eval_remote" / remote.split("://")[-1].replace(":", "_").replace("/", "_")
                    if remote else Path(checkpoint) / "eval")
     env_section = dict(data["env"])
@@ -201,19 +257,10 @@ def cmd_eval(argv: list[str]) -> int:
         out_dir = Path(data["output_dir"] or default_out)
         env_section.update(record_video_envs=list(range(min(data["videos"], data["num_envs"]))),
                            video_dir=str(out_dir / "videos"))
-    agent = processor = actor = None
+    agent = processor = None
     num_steps = data["num_steps"]
-    if remote:  # the same episode loop; actions come from the server (pirl.serve.client.RemoteActor)
-        from pirl.serve.client import RemoteActor
-
-        if data["guidance"]["method"] != "none" or data.get("critic"):
-            raise SystemExit("pirl eval: with policy=ws://... guidance runs on the server (pirl serve guidance=...)")
-        actor = RemoteActor(remote, api_key=data.get("api_key"), num_envs=data["num_envs"])
-        num_steps = actor.metadata.get("num_steps", num_steps)
-        if actor.metadata.get("action_horizon", data["n_exec"]) < data["n_exec"]:
-            raise SystemExit(f"pirl eval: n_exec={data['n_exec']} > the served action horizon "
-                             f"{actor.metadata['action_horizon']}")
-    else:
+    if not remote:
+        actor = None
         policy, _ = load_policy(checkpoint)
         agent = Agent.build(policy, SamplerConfig(num_steps=num_steps))
         processor = processor_for(checkpoint, data["camera_map"])

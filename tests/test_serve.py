@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -22,13 +23,14 @@ import pytest
 import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pirl.serve.client import RemoteActor, ServerBusy, ServerError, WebsocketClientPolicy, connect, wait_for_health
+from pirl.serve.client import ServerBusy, ServerError, WebsocketClientPolicy, connect, wait_for_health
 from pirl.serve.config import ServeConfig
 from pirl.serve.policy import ServedPolicy
 from pirl.serve.protocol import DecodeError, packb, parse_error, unpackb
 from pirl.serve.server import ServerThread
 from pirl.train.common import load_bundle
 from pirl.train.rl_core import PolicyActor, seeded_noise, seeded_noise_stream
+from vla.checkpoint import read_rollout
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = str(REPO / "assets" / "pickcube_tiny_sft_v3")
@@ -103,6 +105,9 @@ def test_metadata_and_health(server):
     assert meta["model"]["variant"] == "pi0" and meta["inputs"]["state"] == {"key": "state", "dtype": "float32",
                                                                              "shape": [STATE_DIM]}
     assert meta["inputs"]["cameras"] == {} and meta["guidance"] is None
+    assert meta["rollout"] == {**read_rollout(CKPT), "num_steps": 4}  # remote eval's defaults (the served K)
+    documented = (REPO / "docs" / "serve.md").read_text().split("### Metadata")[1].split("###")[0]
+    assert [k for k in meta if f"`{k}`" not in documented] == []
     assert wait_for_health(server.url, timeout_s=5)
     conn = http.client.HTTPConnection("127.0.0.1", server.server.port, timeout=5)
     conn.request("GET", "/healthz")
@@ -325,31 +330,43 @@ def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, local):
 
 
 # -- remote evaluation -------------------------------------------------------------------------------
+def run_eval(out: Path, *args: str) -> dict:
+    from pirl.cli import main
+
+    assert main(["eval", *args, "episodes=4", "num_envs=2", f"seed={EVAL_SEED}", f"output_dir={out}"]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.sim
-def test_remote_eval_equals_local_eval(server):
-    """`pirl eval policy=ws://...` runs the same episode loop with a RemoteActor: same per-episode table."""
-    from pirl.train.rl import make_env
-    from pirl.train.rl_core import evaluate
-
-    policy, processor = load_bundle(CKPT)
-    env = make_env({"simulator": "maniskill", "task": "PickCube-v1", "backend": "cpu", "obs_mode": "state",
-                    "control_mode": "pd_ee_delta_pose", "reward_mode": "normalized_dense", "max_episode_steps": 50,
-                    "envs_per_process": 2}, 2, 0)
-    try:
-        from pirl.train.rl_core import Agent, SamplerConfig
-
-        agent = Agent.build(policy, SamplerConfig(num_steps=4))
-        local_result = evaluate(agent, processor, env, 4, 5, 4, EVAL_SEED)
-        actor = RemoteActor(server.url, num_envs=2)
-        try:
-            remote_result = evaluate(None, None, env, 4, 5, 4, EVAL_SEED, actor=actor)
-        finally:
-            actor.close()
-    finally:
-        env.close()
-    assert remote_result["per_episode"] == local_result["per_episode"]
-    assert remote_result["successes"] == local_result["successes"]
+def test_remote_eval_equals_local_eval(server, tmp_path, capsys):
+    """`pirl eval policy=ws://...` runs the same episode loop with a RemoteActor and takes the served
+    checkpoint's rollout settings (env, episode length, n_exec, K) as `pirl eval checkpoint=...` takes them
+    from rollout.json: with none given, the same per-episode table."""
+    local_result = run_eval(tmp_path / "local", f"checkpoint={CKPT}")
+    remote_result = run_eval(tmp_path / "remote", f"policy={server.url}")
+    assert f"from {server.url} (the served checkpoint's rollout settings)" in capsys.readouterr().out
+    for key in ("task", "num_steps", "n_exec", "max_episode_steps", "defaults_from_checkpoint", "per_episode"):
+        assert remote_result[key] == local_result[key], key
+    assert (remote_result["num_steps"], remote_result["n_exec"], remote_result["max_episode_steps"]) == (4, 5, 100)
+    assert (tmp_path / "remote" / "results.md").read_text() == (tmp_path / "local" / "results.md").read_text()
     assert 0 < local_result["successes"] < local_result["episodes"], local_result["per_episode"]
+
+
+def test_remote_eval_overrides_win_with_a_notice_and_k_is_the_servers(server, capsys):
+    """An explicit setting differing from the server's is named once; a different K is an error (the server
+    samples). Both stop before any simulator starts (n_exec beyond the served horizon)."""
+    from pirl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", f"policy={server.url}", "n_exec=11", "env.max_episode_steps=20"])
+    out, err = capsys.readouterr()
+    notices = [line for line in out.splitlines() if "differs from" in line]
+    assert len(notices) == 1 and "n_exec=11 (recorded 5)" in notices[0], out
+    assert "env.max_episode_steps=20 (recorded 100)" in notices[0] and server.url in notices[0]
+    assert "n_exec=11 > the served action horizon 10" in err
+    with pytest.raises(SystemExit):
+        main(["eval", f"policy={server.url}", "num_steps=8"])
+    assert "samples with K=4" in capsys.readouterr().err
 
 
 EVAL_SEED = 0  # seeds 0-3: seed 2 succeeds at K=4, the others fail (a table with both outcomes)

@@ -81,7 +81,7 @@ class ServedPolicy:
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "ServedPolicy":
         from pirl.train.common import load_bundle
-        from vla.checkpoint import read_metadata
+        from vla.checkpoint import read_metadata, read_rollout
 
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
@@ -107,6 +107,8 @@ class ServedPolicy:
             "action_dim": processor.action_dims,
             "actions": "float32 [action_horizon, action_dim] in the robot's raw units (unnormalised)",
             "num_steps": num_steps,
+            # the checkpoint's rollout.json with the served K: what `pirl eval policy=ws://...` defaults to
+            "rollout": {**read_rollout(cfg.checkpoint), "num_steps": num_steps},
             "sampler": "guided" if is_guided(cfg.guidance) else "ode",
             "guidance": guidance_metadata(cfg.guidance, cfg.critic),
             "inputs": spec.describe(),

@@ -146,6 +146,9 @@ def command_help(command: str) -> str:
     if command in CHECKPOINT_DEFAULTS:
         lines += ["", f"Defaults from the checkpoint: {CHECKPOINT_DEFAULTS[command]} come from the checkpoint's "
                   "rollout.json (the settings it was trained with) unless given on the command line."]
+        if command == "eval":
+            lines.append("With policy=ws://HOST:PORT they come from the served checkpoint (the server's metadata); "
+                         "K is the server's.")
     lines += ["", "examples:"] + [f"  {e}" for e in examples]
     lines += ["", "A mistake stops the command with one line on stderr and exit status 2; PIRL_DEBUG=1 shows the "
               "traceback (docs/errors.md)."]

@@ -77,6 +77,24 @@ def stack_obs(per_env: Sequence[dict], cameras: Sequence[str]) -> dict[str, Any]
     }
 
 
+@dataclass
+class _ChunkOutcome:
+    """What one step_chunk call gathers, env by env: its outputs and which envs still run."""
+
+    reward: np.ndarray  # [B] float64, summed over executed steps
+    terminated: np.ndarray  # [B] bool
+    truncated: np.ndarray  # [B] bool
+    crashed: np.ndarray  # [B] bool, worker restarted
+    exec_mask: np.ndarray  # [B, n_exec] bool
+    active: np.ndarray  # [B] bool, episode still running in this chunk
+
+    @classmethod
+    def empty(cls, num: int, n_exec: int) -> _ChunkOutcome:
+        return cls(reward=np.zeros(num, dtype=np.float64), terminated=np.zeros(num, dtype=bool),
+                   truncated=np.zeros(num, dtype=bool), crashed=np.zeros(num, dtype=bool),
+                   exec_mask=np.zeros((num, n_exec), dtype=bool), active=np.ones(num, dtype=bool))
+
+
 class VLAEnv:
     """Batched env over a Backend: chunked stepping, auto-reset, seeding, episode stats, video."""
 
@@ -191,93 +209,102 @@ class VLAEnv:
         if self._obs is None:
             raise RuntimeError("call reset() before step_chunk()")
         executed, n_exec = self.validate_actions(actions, n_exec)
-        num = self.num_envs
-        reward = np.zeros(num, dtype=np.float64)
-        terminated = np.zeros(num, dtype=bool)
-        truncated = np.zeros(num, dtype=bool)
-        crashed_mask = np.zeros(num, dtype=bool)
-        exec_mask = np.zeros((num, n_exec), dtype=bool)
-        active = np.ones(num, dtype=bool)
-
-        def crash(i: int, k: int, logged: bool = False) -> None:
-            # The episode is lost with the process: end it as truncated, keep the last obs.
-            if not logged:
-                self.crash_log.append(i)
-            if not active[i]:
-                return  # its episode already ended in this chunk; the rebuilt env is reset after it
-            crashed_mask[i] = True
-            truncated[i] = True
-            active[i] = False
-            log.warning("env %d crashed at chunk step %d; worker restarted, episode truncated", i, k)
-
-        def record(i: int, k: int, result) -> None:
-            obs, rew, term, trunc, info = result
-            exec_mask[i, k] = True
-            self._obs[i] = obs
-            reward[i] += rew
-            self._ep_return[i] += rew
-            self._ep_length[i] += 1
-            self._success[i] = bool(info.get("success", False))
-            self._success_once[i] |= self._success[i]
-            if i in self._recorders:
-                self._recorders[i].add(self._frame(obs, info))
-            if term or trunc:
-                terminated[i], truncated[i] = bool(term), bool(trunc) and not term
-                active[i] = False
-
+        chunk = _ChunkOutcome.empty(self.num_envs, n_exec)
         for i in np.flatnonzero(self._lost):
-            crash(int(i), 0, logged=True)  # lost while a neighbour in its process was reset
+            self._crash(chunk, int(i), 0, logged=True)  # lost while a neighbour in its process was reset
         self._lost[:] = False
         if hasattr(self.backend, "step_envs_chunk"):
-            # Process pools: the whole sub-chunk in one message per process.
-            indices = np.flatnonzero(active).tolist()
-            results, crashed = self.backend.step_envs_chunk(indices, executed[indices])
-            for i in crashed:
-                crash(i, 0)
-            for i, steps in results.items():
-                for k, result in enumerate(steps):
-                    record(i, k, result)
+            self._execute_in_workers(chunk, executed)
         else:
-            for k in range(n_exec):
-                indices = np.flatnonzero(active).tolist()
-                if not indices:
-                    break
-                results, crashed = self.backend.step_envs(indices, executed[indices, k])
-                for i in crashed:
-                    crash(i, k)
-                for i, result in results.items():
-                    record(i, k, result)
-        done = terminated | truncated
+            self._execute_step_by_step(chunk, executed, n_exec)
+        done = chunk.terminated | chunk.truncated
         final_obs = stack_obs(self._obs, list(self.spec.cameras))
-        info = {
+        info = self._chunk_info(chunk, done, final_obs)
+        done_indices = np.flatnonzero(done).tolist()
+        if done_indices:
+            self._auto_reset(done_indices)
+            obs = stack_obs(self._obs, list(self.spec.cameras))
+        else:
+            obs = final_obs
+        return obs, chunk.reward.astype(np.float32), chunk.terminated, chunk.truncated, info
+
+    def _execute_in_workers(self, chunk: _ChunkOutcome, executed: np.ndarray) -> None:
+        """Process pools: the whole sub-chunk in one message per process."""
+        indices = np.flatnonzero(chunk.active).tolist()
+        results, crashed = self.backend.step_envs_chunk(indices, executed[indices])
+        for i in crashed:
+            self._crash(chunk, i, 0)
+        for i, steps in results.items():
+            for k, result in enumerate(steps):
+                self._record(chunk, i, k, result)
+
+    def _execute_step_by_step(self, chunk: _ChunkOutcome, executed: np.ndarray, n_exec: int) -> None:
+        """Other backends: one backend call per chunk step, over the envs still in their episode."""
+        for k in range(n_exec):
+            indices = np.flatnonzero(chunk.active).tolist()
+            if not indices:
+                break
+            results, crashed = self.backend.step_envs(indices, executed[indices, k])
+            for i in crashed:
+                self._crash(chunk, i, k)
+            for i, result in results.items():
+                self._record(chunk, i, k, result)
+
+    def _crash(self, chunk: _ChunkOutcome, i: int, k: int, logged: bool = False) -> None:
+        """The episode is lost with the process: end it as truncated, keep the last obs."""
+        if not logged:
+            self.crash_log.append(i)
+        if not chunk.active[i]:
+            return  # its episode already ended in this chunk; the rebuilt env is reset after it
+        chunk.crashed[i] = True
+        chunk.truncated[i] = True
+        chunk.active[i] = False
+        log.warning("env %d crashed at chunk step %d; worker restarted, episode truncated", i, k)
+
+    def _record(self, chunk: _ChunkOutcome, i: int, k: int, result) -> None:
+        """One executed step of env i (chunk step k): obs, reward, episode stats, video frame, episode end."""
+        obs, rew, term, trunc, info = result
+        chunk.exec_mask[i, k] = True
+        self._obs[i] = obs
+        chunk.reward[i] += rew
+        self._ep_return[i] += rew
+        self._ep_length[i] += 1
+        self._success[i] = bool(info.get("success", False))
+        self._success_once[i] |= self._success[i]
+        if i in self._recorders:
+            self._recorders[i].add(self._frame(obs, info))
+        if term or trunc:
+            chunk.terminated[i], chunk.truncated[i] = bool(term), bool(trunc) and not term
+            chunk.active[i] = False
+
+    def _chunk_info(self, chunk: _ChunkOutcome, done: np.ndarray, final_obs: dict) -> dict[str, Any]:
+        """step_chunk's info (see its doc), taken before the finished episodes are reset."""
+        return {
             "success": self._success.copy(),
             "success_once": self._success_once.copy(),
             "episode_return": self._ep_return.copy(),
             "episode_length": self._ep_length.copy(),
             "done": done,
-            "exec_mask": exec_mask,
-            "crashed": crashed_mask,
+            "exec_mask": chunk.exec_mask,
+            "crashed": chunk.crashed,
             "final_obs": final_obs,
         }
-        done_indices = np.flatnonzero(done).tolist()
-        if done_indices:
-            for i in done_indices:
-                if i in self._recorders:
-                    self._recorders[i].finish(success=bool(self._success_once[i]))
-                self._episode_counts[i] += 1
-            results = self._reset_indices(done_indices)
-            for i in done_indices:
-                self._obs[i] = results[i][0]
-                self._ep_return[i] = 0.0
-                self._ep_length[i] = 0
-                self._success_once[i] = False
-                self._success[i] = False
-                if i in self._recorders:
-                    self._recorders[i].add(self._frame(self._obs[i], results[i][1]))
-            obs = stack_obs(self._obs, list(self.spec.cameras))
-        else:
-            obs = final_obs
-        return obs, reward.astype(np.float32), terminated, truncated, info
+
+    def _auto_reset(self, done_indices: list[int]) -> None:
+        """Close the finished episodes (videos, episode counts) and start each env's next one."""
+        for i in done_indices:
+            if i in self._recorders:
+                self._recorders[i].finish(success=bool(self._success_once[i]))
+            self._episode_counts[i] += 1
+        results = self._reset_indices(done_indices)
+        for i in done_indices:
+            self._obs[i] = results[i][0]
+            self._ep_return[i] = 0.0
+            self._ep_length[i] = 0
+            self._success_once[i] = False
+            self._success[i] = False
+            if i in self._recorders:
+                self._recorders[i].add(self._frame(self._obs[i], results[i][1]))
 
     def _frame(self, obs: dict, info: dict) -> np.ndarray | None:
         if "frame" in info:

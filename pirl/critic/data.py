@@ -201,9 +201,31 @@ def build_critic_data(policy: FlowPolicy, processor: Processor, roots: Sequence[
     observation once (cached in `cache`, a .pt file, when given; reused only for the same datasets,
     feature source, cameras and `policy_ident`). One clear error for a missing
     dataset or one whose state / action sizes do not match the policy's norm stats."""
+    cameras = dict(cameras or {})
+    readers = _open_readers(roots, processor, cameras)
+    windows = _Windows(frames=sum(len(r) for r in readers))
+    for k, reader in enumerate(readers):
+        windows.add(k, reader, processor, horizon, reward, starts, use_finals=not cameras)
+    if not sum(len(o) for o in windows.obs_rows):
+        raise ValueError(f"critic: no transitions of {horizon} steps in {list(roots)} (episodes too short?)")
+
+    key = json.dumps({"policy": policy_ident, "data": dataset_fingerprint(roots), "source": feature_source,
+                      "cameras": cameras,
+                      "frames": windows.frames, "finals": windows.final_keys})
+    cached = _load_cached_features(cache, key)
+    if cached is not None:
+        return windows.assemble(*cached)
+    features, state = _compute_features(policy, processor, _observation_batches(readers, windows, cameras, batch_size),
+                                        windows.frames + len(windows.finals), feature_source)
+    if cache is not None:
+        _save_cached_features(cache, key, features, state)
+    return windows.assemble(features, state)
+
+
+def _open_readers(roots: Sequence[str], processor: Processor, cameras: dict[str, str]) -> list:
+    """A reader per dataset root, each checked against the policy's state / action sizes and `cameras`."""
     from envs.dataset import LeRobotReader
 
-    cameras = dict(cameras or {})
     state_dims, action_dims = processor.norm_stats["state"].dim, processor.action_dims
     readers = []
     for root in roots:
@@ -217,84 +239,113 @@ def build_critic_data(policy: FlowPolicy, processor: Processor, roots: Sequence[
         if unknown:
             raise ValueError(f"critic: cameras {unknown} not in {root} (it has {sorted(reader.camera_keys)})")
         readers.append(reader)
+    return readers
 
-    # Windows and their signals, dataset by dataset; rows offset into one observation table.
-    obs_rows, next_rows, actions, rewards, terms, episode_ids = [], [], [], [], [], []
-    finals: list[np.ndarray] = []  # final states, in table order after all frames
-    final_keys: list[tuple[int, int]] = []
-    total_frames = sum(len(r) for r in readers)
-    offset, episode0 = 0, 0
-    for k, reader in enumerate(readers):
+
+@dataclasses.dataclass
+class _Windows:
+    """The transitions of every dataset before features, one list entry per dataset. Rows index one
+    observation table: every dataset's frames in order (`frames` in all), then the stored final
+    observations the windows bootstrap from (`finals`, of (dataset, episode) `final_keys`)."""
+
+    frames: int
+    obs_rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+    next_rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+    actions: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
+    terms: list[np.ndarray] = dataclasses.field(default_factory=list)
+    episode_ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    finals: list[np.ndarray] = dataclasses.field(default_factory=list)
+    final_keys: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    offset: int = 0  # table row of the next dataset's first frame
+    episode0: int = 0  # global id of the next dataset's first episode
+
+    def add(self, k: int, reader, processor: Processor, horizon: int, reward: str, starts: str,
+            use_finals: bool) -> None:
+        """Windows and their signals of dataset k. A final observation helps only if the features need
+        nothing but the state (`use_finals`: no images stored)."""
         r, term, trunc = step_signals(reader, reward)
         spans = [(ep["from"], ep["to"]) for ep in reader.episodes]
-        # A final observation helps only if the features need nothing but the state (no images stored).
-        final = [None if cameras else reader.episode_final_state(ep["episode_index"]) for ep in reader.episodes]
+        final = [reader.episode_final_state(ep["episode_index"]) if use_finals else None for ep in reader.episodes]
         chunk_start = reader.column("chunk_start", bool)
         start, nxt = chunk_windows(spans, term, trunc, [f is not None for f in final], horizon, chunk_start, starts)
         ep_of_row = np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
+        final_row = self._add_finals(k, final, nxt)
+        steps = start[:, None] + np.arange(horizon)
+        action_dims = processor.action_dims
+        norm = processor.normalize_actions(reader.actions)[:, :action_dims]
+        offset = self.offset
+        self.obs_rows.append(start + offset)
+        next_rows = [n + offset if n >= 0 else (start[i] + offset if n == NO_NEXT else final_row[-1 - n])
+                     for i, n in enumerate(nxt)]
+        self.next_rows.append(np.array(next_rows, dtype=np.int64))
+        self.actions.append(norm[steps].reshape(len(start), -1) if len(start) else np.zeros((0, horizon * action_dims)))
+        self.rewards.append(r[steps] if len(start) else np.zeros((0, horizon)))
+        self.terms.append(term[steps] if len(start) else np.zeros((0, horizon)))
+        self.episode_ids.append(ep_of_row[start] + self.episode0)
+        self.offset += len(reader)
+        self.episode0 += len(spans)
+
+    def _add_finals(self, k: int, final: list, nxt: np.ndarray) -> dict[int, int]:
+        """Appends the final observations dataset k's windows bootstrap from; returns episode -> table row."""
         final_row = {}
         for e in sorted({-1 - int(n) for n in nxt if NO_NEXT < n < 0}):
-            final_row[e] = total_frames + len(finals)
-            finals.append(final[e])
-            final_keys.append((k, e))
-        steps = start[:, None] + np.arange(horizon)
-        norm = processor.normalize_actions(reader.actions)[:, :action_dims]
-        obs_rows.append(start + offset)
-        next_rows.append(np.array([n + offset if n >= 0 else (start[i] + offset if n == NO_NEXT else final_row[-1 - n])
-                                   for i, n in enumerate(nxt)], dtype=np.int64))
-        actions.append(norm[steps].reshape(len(start), -1) if len(start) else np.zeros((0, horizon * action_dims)))
-        rewards.append(r[steps] if len(start) else np.zeros((0, horizon)))
-        terms.append(term[steps] if len(start) else np.zeros((0, horizon)))
-        episode_ids.append(ep_of_row[start] + episode0)
-        offset += len(reader)
-        episode0 += len(spans)
-    if not sum(len(o) for o in obs_rows):
-        raise ValueError(f"critic: no transitions of {horizon} steps in {list(roots)} (episodes too short?)")
+            final_row[e] = self.frames + len(self.finals)
+            self.finals.append(final[e])
+            self.final_keys.append((k, e))
+        return final_row
 
-    key = json.dumps({"policy": policy_ident, "data": dataset_fingerprint(roots), "source": feature_source,
-                      "cameras": cameras,
-                      "frames": total_frames, "finals": final_keys})
-    if cache is not None and cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        if stored.get("key") == key:
-            features, state = stored["features"], stored["state"]
-            log.info("critic: policy features of %d observations from %s", len(features), cache)
-            return _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids)
+    def assemble(self, features: Tensor, state: Tensor) -> CriticData:
+        cat = np.concatenate
+        return CriticData(
+            features=features.float(), state=state.float(),
+            obs=torch.from_numpy(cat(self.obs_rows)), next_obs=torch.from_numpy(cat(self.next_rows)),
+            actions=torch.from_numpy(cat(self.actions).astype(np.float32)),
+            rewards=torch.from_numpy(cat(self.rewards).astype(np.float32)),
+            terminated=torch.from_numpy(cat(self.terms).astype(np.float32)),
+            episode=torch.from_numpy(cat(self.episode_ids).astype(np.int64)),
+        )
 
-    def batches():
-        for reader in readers:
-            for lo in range(0, len(reader), batch_size):
-                yield _observations(reader, np.arange(lo, min(lo + batch_size, len(reader))), cameras)
-        for lo in range(0, len(finals), batch_size):
-            part = finals[lo:lo + batch_size]
-            prompts = [readers[k].prompt(readers[k].episodes[e]["from"]) for k, e in final_keys[lo:lo + batch_size]]
-            yield {"images": {}, "state": np.stack(part), "prompt": prompts}
 
-    total = total_frames + len(finals)
+def _observation_batches(readers: list, windows: _Windows, cameras: dict[str, str], batch_size: int):
+    """The observation table in batches: every dataset's frames, then the stored final states."""
+    for reader in readers:
+        for lo in range(0, len(reader), batch_size):
+            yield _observations(reader, np.arange(lo, min(lo + batch_size, len(reader))), cameras)
+    finals, keys = windows.finals, windows.final_keys
+    for lo in range(0, len(finals), batch_size):
+        part = finals[lo:lo + batch_size]
+        prompts = [readers[k].prompt(readers[k].episodes[e]["from"]) for k, e in keys[lo:lo + batch_size]]
+        yield {"images": {}, "state": np.stack(part), "prompt": prompts}
+
+
+def _compute_features(policy: FlowPolicy, processor: Processor, batches, total: int, feature_source: str
+                      ) -> tuple[Tensor, Tensor]:
+    """observation_features over every batch, with a progress bar over the `total` observations."""
     bar = progress_bar(total, "critic features", unit="obs", leave=False)
     feats, states = [], []
-    for obs in batches():
+    for obs in batches:
         f, s = observation_features(policy, processor, [obs], feature_source)
         feats.append(f)
         states.append(s)
         bar.update(len(f))
     bar.close()
-    features, state = torch.cat(feats), torch.cat(states)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save({"key": key, "features": features, "state": state}, tmp)
-        tmp.replace(cache)
-    return _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids)
+    return torch.cat(feats), torch.cat(states)
 
 
-def _assemble(features, state, obs_rows, next_rows, actions, rewards, terms, episode_ids) -> CriticData:
-    cat = np.concatenate
-    return CriticData(
-        features=features.float(), state=state.float(),
-        obs=torch.from_numpy(cat(obs_rows)), next_obs=torch.from_numpy(cat(next_rows)),
-        actions=torch.from_numpy(cat(actions).astype(np.float32)),
-        rewards=torch.from_numpy(cat(rewards).astype(np.float32)),
-        terminated=torch.from_numpy(cat(terms).astype(np.float32)),
-        episode=torch.from_numpy(cat(episode_ids).astype(np.int64)),
-    )
+def _load_cached_features(cache: Path | None, key: str) -> tuple[Tensor, Tensor] | None:
+    """(features, state) stored in `cache` under the same key, else None."""
+    if cache is None or not cache.exists():
+        return None
+    stored = torch.load(cache, weights_only=True)
+    if stored.get("key") != key:
+        return None
+    log.info("critic: policy features of %d observations from %s", len(stored["features"]), cache)
+    return stored["features"], stored["state"]
+
+
+def _save_cached_features(cache: Path, key: str, features: Tensor, state: Tensor) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save({"key": key, "features": features, "state": state}, tmp)
+    tmp.replace(cache)

@@ -132,23 +132,74 @@ def weights_replaced(params: list[torch.nn.Parameter], replacement: list[torch.T
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Runs SFT; returns the final checkpoint directory."""
-    from accelerate import Accelerator
+    _check_config(cfg)
+    accelerator = _make_accelerator()
+    set_seed(cfg.seed + accelerator.process_index)
+    out = Path(cfg.output_dir)
+    model_cfg = build_model_config(cfg.model)
+    dataset, processor, tokenizer_file, state_noise_mask = _dataset_and_processor(cfg, model_cfg, out)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 7 + accelerator.process_index)
+    policy = _initial_policy(cfg, model_cfg)
+    params = set_trainable(policy, cfg.trainable)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    model = accelerator.unwrap_model(policy)
+    ema = _initial_ema(cfg, accelerator, params)
+    rng = np.random.default_rng(cfg.seed + 1000 * accelerator.process_index)
+    dim_mask = processor.dim_mask().to(accelerator.device)
+    started, losses = time.perf_counter(), []
+    rollout = validate_rollout({**({"camera_map": dict(cfg.cameras)} if cfg.cameras else {}), **cfg.rollout},
+                               "sft rollout=")
 
-    from envs.dataset import SFTChunkDataset
+    def save(path: Path, metadata: dict) -> None:
+        _write_checkpoint(path, model, params, ema, processor, tokenizer_file, rollout, metadata)
 
+    with _console(accelerator.is_main_process, cfg.steps) as bar:
+        for step in range(cfg.steps):
+            batch = dataset.sample_batch(cfg.batch_size, rng)
+            inputs, actions, step_mask = _batch_tensors(batch, cfg, processor, state_noise_mask, noise_gen,
+                                                        accelerator.device)
+            loss = _optimizer_step(policy, optimizer, accelerator, params, lr_at(step, cfg), cfg.grad_clip,
+                                   (inputs, actions, dim_mask, step_mask))
+            if ema is not None:
+                ema_update(ema, params, cfg.ema_decay)
+            losses.append(loss.item())
+            if accelerator.is_main_process:
+                _report_progress(bar, step, cfg, losses, started)
+                if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                    save(out / "checkpoints" / f"step_{step + 1:07d}",
+                         {"sft_step": step + 1, "ema_decay": cfg.ema_decay})
+    final = out / "final"
+    if accelerator.is_main_process:
+        save(final, {"sft_step": cfg.steps, "sft_config": dataclasses.asdict(cfg), "ema_decay": cfg.ema_decay,
+                     "final_loss": float(np.mean(losses[-cfg.log_every:]))})
+        log.info("sft: wrote %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_config(cfg: SFTConfig) -> None:
     if not cfg.dataset:
         raise ValueError("sft: dataset= is required (a LeRobot dataset root, e.g. from `pirl demos`)")
     if cfg.state_noise < 0:
         raise ValueError(f"sft: state_noise must be >= 0, got {cfg.state_noise}")
+
+
+def _make_accelerator():
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     # Some weights never reach the loss: the expert reads only the keys/values of the VLM's last layer,
     # so that layer's o_proj, MLP and the final norm get no gradient. DDP must not wait for them.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    set_seed(cfg.seed + accelerator.process_index)
-    out = Path(cfg.output_dir)
-    model_cfg = build_model_config(cfg.model)
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _dataset_and_processor(cfg: SFTConfig, model_cfg, out: Path):
+    """(dataset, processor with the robust norm stats, tokenizer file, state noise mask [state_width]):
+    the mask is 1 on the real state dims the processor does not drop, where state_noise applies."""
+    from envs.dataset import SFTChunkDataset
+
     roots = cfg.dataset if isinstance(cfg.dataset, str) else [str(root) for root in cfg.dataset]
     dataset = SFTChunkDataset(roots, model_cfg.action_horizon,
                               cameras=list(cfg.cameras.values()))
@@ -161,78 +212,81 @@ def train_sft(cfg: SFTConfig) -> Path:
     state_noise_mask = torch.zeros(model_cfg.state_width)
     state_noise_mask[: stats["state"].dim] = 1.0
     state_noise_mask[list(stats["state"].drop)] = 0.0
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 7 + accelerator.process_index)
-    if cfg.init_checkpoint:
-        policy, _, report = import_checkpoint(cfg.init_checkpoint, model_cfg, home_preprocessing=False)
-        if report.unused_keys:
-            log.info("init checkpoint: ignored unused weights %s", report.unused_keys)
-    else:
-        policy = FlowPolicy(model_cfg)
-    params = set_trainable(policy, cfg.trainable)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    model = accelerator.unwrap_model(policy)
-    ema = None
-    if cfg.ema_decay is not None:
-        plugin = accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:
-            raise ValueError("sft: ema_decay needs whole parameters on each rank; use ZeRO stage <= 2")
-        check_ema_decay(cfg.ema_decay)
-        ema = [p.detach().float().clone() for p in params]
-    # Checkpoints hold the EMA weights when there is an average, the raw weights otherwise.
-    saved_weights = (lambda: weights_replaced(params, ema)) if ema is not None else contextlib.nullcontext
-    rng = np.random.default_rng(cfg.seed + 1000 * accelerator.process_index)
-    dim_mask = processor.dim_mask().to(accelerator.device)
-    started, losses = time.perf_counter(), []
-    rollout = validate_rollout({**({"camera_map": dict(cfg.cameras)} if cfg.cameras else {}), **cfg.rollout},
-                               "sft rollout=")
-    console = contextlib.ExitStack()
-    if accelerator.is_main_process:
-        console.enter_context(logging_redirect_tqdm())
-        bar = console.enter_context(progress_bar(cfg.steps, "sft", unit="step"))
-    for step in range(cfg.steps):
-        batch = dataset.sample_batch(cfg.batch_size, rng)
-        obs = {"images": {m: batch["images"][d] for m, d in cfg.cameras.items()},
-               "state": batch["state"], "prompt": batch["prompt"]}
-        inputs = processor(obs)
-        if cfg.state_noise > 0:
-            inputs.state = inputs.state + cfg.state_noise * state_noise_mask * torch.randn(
-                inputs.state.shape, generator=noise_gen)
-        inputs = inputs.to(accelerator.device)
-        actions = torch.from_numpy(processor.normalize_actions(batch["actions"])).to(accelerator.device)
-        step_mask = torch.from_numpy(batch["action_valid"]).to(accelerator.device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = policy(inputs, actions, dim_mask, step_mask)  # through the wrapper: gradients all-reduced
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema_update(ema, params, cfg.ema_decay)
-        losses.append(loss.item())
-        if accelerator.is_main_process:
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
-        if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step == 0):
-            rate = (step + 1) / (time.perf_counter() - started)
-            log.info("sft step %d/%d  loss %.4f  lr %.2e  %.1f steps/s", step + 1, cfg.steps,
-                     float(np.mean(losses[-cfg.log_every:])), lr_at(step, cfg), rate)
-        if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            with saved_weights():
-                save_policy(out / "checkpoints" / f"step_{step + 1:07d}", model, processor.norm_stats,
-                            metadata={"sft_step": step + 1, "ema_decay": cfg.ema_decay},
-                            tokenizer_file=tokenizer_file, rollout=rollout)
-    console.close()
-    final = out / "final"
-    if accelerator.is_main_process:
-        with saved_weights():
-            save_policy(final, model, processor.norm_stats,
-                        metadata={"sft_step": cfg.steps, "sft_config": dataclasses.asdict(cfg),
-                                  "ema_decay": cfg.ema_decay,
-                                  "final_loss": float(np.mean(losses[-cfg.log_every:]))},
-                        tokenizer_file=tokenizer_file, rollout=rollout)
-        log.info("sft: wrote %s", final)
-    accelerator.wait_for_everyone()
-    return final
+    return dataset, processor, tokenizer_file, state_noise_mask
+
+
+def _initial_policy(cfg: SFTConfig, model_cfg) -> FlowPolicy:
+    """The weights of init_checkpoint, or a random init."""
+    if not cfg.init_checkpoint:
+        return FlowPolicy(model_cfg)
+    policy, _, report = import_checkpoint(cfg.init_checkpoint, model_cfg, home_preprocessing=False)
+    if report.unused_keys:
+        log.info("init checkpoint: ignored unused weights %s", report.unused_keys)
+    return policy
+
+
+def _initial_ema(cfg: SFTConfig, accelerator, params: list[torch.nn.Parameter]) -> list[torch.Tensor] | None:
+    """float32 copies of the trained weights to average into, or None without ema_decay."""
+    if cfg.ema_decay is None:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ValueError("sft: ema_decay needs whole parameters on each rank; use ZeRO stage <= 2")
+    check_ema_decay(cfg.ema_decay)
+    return [p.detach().float().clone() for p in params]
+
+
+@contextlib.contextmanager
+def _console(is_main: bool, steps: int):
+    """The progress bar (None off the main process), with logging routed around it."""
+    if not is_main:
+        yield None
+        return
+    with logging_redirect_tqdm(), progress_bar(steps, "sft", unit="step") as bar:
+        yield bar
+
+
+def _batch_tensors(batch: dict, cfg: SFTConfig, processor, state_noise_mask: torch.Tensor,
+                   noise_gen: torch.Generator, device) -> tuple:
+    """One sampled batch -> (model inputs, state noise added; normalised action chunk; in-episode step mask)."""
+    obs = {"images": {m: batch["images"][d] for m, d in cfg.cameras.items()},
+           "state": batch["state"], "prompt": batch["prompt"]}
+    inputs = processor(obs)
+    if cfg.state_noise > 0:
+        inputs.state = inputs.state + cfg.state_noise * state_noise_mask * torch.randn(
+            inputs.state.shape, generator=noise_gen)
+    inputs = inputs.to(device)
+    actions = torch.from_numpy(processor.normalize_actions(batch["actions"])).to(device)
+    step_mask = torch.from_numpy(batch["action_valid"]).to(device)
+    return inputs, actions, step_mask
+
+
+def _optimizer_step(policy, optimizer, accelerator, params, lr: float, grad_clip: float, loss_args: tuple
+                    ) -> torch.Tensor:
+    """One AdamW step at learning rate `lr` on the flow-matching loss policy(*loss_args); returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = policy(*loss_args)  # through the wrapper: gradients all-reduced
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss
+
+
+def _report_progress(bar, step: int, cfg: SFTConfig, losses: list[float], started: float) -> None:
+    bar.update(1)
+    if step % 10 == 0:
+        bar.set_postfix_str(f"loss {np.mean(losses[-50:]):.4f}")
+    if (step + 1) % cfg.log_every == 0 or step == 0:
+        rate = (step + 1) / (time.perf_counter() - started)
+        log.info("sft step %d/%d  loss %.4f  lr %.2e  %.1f steps/s", step + 1, cfg.steps,
+                 float(np.mean(losses[-cfg.log_every:])), lr_at(step, cfg), rate)
+
+
+def _write_checkpoint(path: Path, model: FlowPolicy, params: list[torch.nn.Parameter], ema: list[torch.Tensor] | None,
+                      processor, tokenizer_file, rollout: dict, metadata: dict) -> None:
+    """Checkpoints hold the EMA weights when there is an average, the raw weights otherwise."""
+    with weights_replaced(params, ema) if ema is not None else contextlib.nullcontext():
+        save_policy(path, model, processor.norm_stats, metadata=metadata, tokenizer_file=tokenizer_file,
+                    rollout=rollout)

@@ -42,7 +42,7 @@ class DriftSignFlippedSDERule:
     needs_hidden = False
     stochastic = True
 
-    def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+    def step(self, x, v, t, dt, hidden=None) -> StepDistribution:
         correct = sde_step(x, v, t, dt, self.a_noise)
         t_row, dt_row = t.reshape(-1, 1, 1), dt.reshape(-1, 1, 1)
         sigma = sde_sigma(t_row, dt_row, self.a_noise)

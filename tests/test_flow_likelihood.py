@@ -46,30 +46,29 @@ def rules(seed=0):
     return {
         "sde": SDERule(0.5),
         "noise_hidden": LearnedNoiseRule(NoiseHead(ACTION_DIM, WIDTH, mlp_widths=(32, 16), init_scale=1.0)),
-        "noise_time_context": LearnedNoiseRule(NoiseHead(ACTION_DIM, 0, context_dim=5, time_features="scalar",
-                                                         std_min=0.1, std_max=0.24, init_scale=1.0)),
+        "noise_time": LearnedNoiseRule(NoiseHead(ACTION_DIM, 0, time_features="scalar", std_min=0.1, std_max=0.24,
+                                                 init_scale=1.0)),
     }
 
 
 MASKS = ["hybrid", "window", "all"]
 
 
-def make_chain(expert, rule, mask_kind, batch=8, seed=0, context=None):
+def make_chain(expert, rule, mask_kind, batch=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     mask = make_step_mask(mask_kind, batch, NUM_STEPS, width=2, generator=generator)
     return sample(expert, DenoiseGrid.uniform(NUM_STEPS), rule, mask, batch_size=batch,
-                  action_shape=(HORIZON, ACTION_DIM), generator=generator, noise_context=context)
+                  action_shape=(HORIZON, ACTION_DIM), generator=generator)
 
 
-@pytest.mark.parametrize("rule_name", ["sde", "noise_hidden", "noise_time_context"])
+@pytest.mark.parametrize("rule_name", ["sde", "noise_hidden", "noise_time"])
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_recomputed_log_prob_equals_rollout_log_prob(rule_name, mask_kind):
     expert, rule = ToyExpert(), rules()[rule_name]
-    context = torch.randn(8, 5) if rule_name == "noise_time_context" else None
-    chain = make_chain(expert, rule, mask_kind, context=context)
+    chain = make_chain(expert, rule, mask_kind)
     for reduction in (LogProbReduction(), LogProbReduction("mean", "action"),
                       LogProbReduction(granularity="element", include_initial=True, step_reduce="mean")):
-        out = log_prob(chain, expert, rule, reduction, noise_context=context)
+        out = log_prob(chain, expert, rule, reduction)
         old = reduce_chain_log_prob(chain, reduction)
         assert (out.log_prob - old).exp().sub(1).abs().max() < 1e-6
     torch.testing.assert_close(out.steps.means, chain.means, rtol=0, atol=0)

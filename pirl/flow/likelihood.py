@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .chain import Chain
-from .sampler import FeaturesFn, VelocityFn, VelocityTransform, evaluate_velocity, noise_head_inputs
+from .sampler import VelocityFn, VelocityTransform, evaluate_velocity, noise_head_inputs
 from .steps import StepRule, gaussian_entropy, gaussian_log_prob, standard_normal_log_prob
 
 _GRANULARITIES = ("chunk", "action", "element")
@@ -139,17 +139,14 @@ def recompute_steps(
     velocity_fn: VelocityFn,
     rule: StepRule,
     *,
-    features_fn: FeaturesFn | None = None,
-    noise_context: torch.Tensor | None = None,
     velocity_transforms: Sequence[VelocityTransform] = (),
 ) -> StepDistributions:
     """Re-evaluate only the stochastic transitions of a stored chain, as one batch (METHODS.md §2, §3).
 
-    `velocity_fn` (and `features_fn`) are called ONCE on the gathered rows: x_k [N, H, D] and t_k [N] of
-    the pairs in `chain.stochastic_pairs()` order. A field that depends on the sample (a policy prefix)
-    must be bound to that order, e.g. with `prefix.select(sample_index)` (see `policy.chain_log_prob`).
-    `noise_context` [B, E] is gathered here. Pass the same `velocity_transforms` as at rollout for the
-    ratio to start at 1.
+    `velocity_fn` is called ONCE on the gathered rows: x_k [N, H, D] and t_k [N] of the pairs in
+    `chain.stochastic_pairs()` order. A field that depends on the sample (a policy prefix) must be bound
+    to that order, e.g. with `prefix.select(sample_index)` (see `policy.chain_log_prob`). Pass the same
+    `velocity_transforms` as at rollout for the ratio to start at 1.
     """
     sample_index, step_index = chain.stochastic_pairs()
     latents = chain.latents.detach()
@@ -162,9 +159,7 @@ def recompute_steps(
         empty = x.new_zeros(x.shape)
         return StepDistributions(sample_index, step_index, empty, empty, empty)
     v, hidden = evaluate_velocity(velocity_fn, x, t, velocity_transforms)
-    hidden = noise_head_inputs(rule, hidden, features_fn, x, t)
-    context = None if noise_context is None else noise_context[sample_index]
-    dist = rule.step(x, v, t, dt, hidden, context)
+    dist = rule.step(x, v, t, dt, noise_head_inputs(rule, hidden))
     if dist.std is None:
         raise ValueError("a deterministic step rule has no log-probs; the chain's stochastic steps need the "
                          "stochastic rule they were sampled with")
@@ -189,8 +184,6 @@ def log_prob(
     *,
     mask_exec: torch.Tensor | None = None,
     mask_dims: torch.Tensor | None = None,
-    features_fn: FeaturesFn | None = None,
-    noise_context: torch.Tensor | None = None,
     velocity_transforms: Sequence[VelocityTransform] = (),
 ) -> ChainLogProb:
     """log pi(chain) under current parameters with an explicit reduction (METHODS.md §2, §3, §4).
@@ -199,8 +192,7 @@ def log_prob(
     head, constant for Flow-SDE) uses the same granularity / reduce / step_reduce without the initial term.
     Under unchanged parameters, `log_prob(...).log_prob == reduce_chain_log_prob(chain, reduction, ...)`.
     """
-    steps = recompute_steps(chain, velocity_fn, rule, features_fn=features_fn, noise_context=noise_context,
-                            velocity_transforms=velocity_transforms)
+    steps = recompute_steps(chain, velocity_fn, rule, velocity_transforms=velocity_transforms)
     log_prob_value = reduce_chain_log_prob(chain, reduction, step_log_probs=steps.log_probs,
                                            mask_exec=mask_exec, mask_dims=mask_dims)
     entropy = reduce_chain_terms(gaussian_entropy(steps.stds), steps.sample_index, chain.batch_size,

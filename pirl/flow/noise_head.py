@@ -2,9 +2,9 @@
 
 πRL reads the action expert's hidden state per action token through an MLP 128-64-32 with tanh and
 bounds the std to [0.08, 0.16]; ReinFlow reads (time embedding, observation embedding) with bounds
-[0.10, 0.24]. `NoiseHead` covers both: per-token hidden features (optional), time features
-(sinusoidal or the scalar t) and an optional pooled observation embedding, broadcast over the H action
-tokens. It outputs one std per action element [N, H, D], squashed in log space into [std_min, std_max].
+[0.10, 0.24]. `NoiseHead` reads per-token hidden features (optional) and time features (sinusoidal or
+the scalar t, broadcast over the H action tokens); it has no separate observation input. It outputs
+one std per action element [N, H, D], squashed in log space into [std_min, std_max].
 """
 from __future__ import annotations
 
@@ -29,12 +29,11 @@ def sinusoidal_time_features(t: torch.Tensor, dim: int, max_period: float = 10_0
 
 
 class NoiseHead(nn.Module):
-    """sigma_phi(hidden, t, context) -> std [N, H, D] in [std_min, std_max] (METHODS.md §3).
+    """sigma_phi(hidden, t) -> std [N, H, D] in [std_min, std_max] (METHODS.md §3).
 
     Args:
         action_dim: D, one std per action dim (padded dims included; they are masked in reductions).
         hidden_dim: W, width of the per-token features (the action expert's hidden states); 0 for none.
-        context_dim: E, width of an optional pooled observation embedding [N, E]; 0 for none.
         time_features: "sinusoidal" (time_dim sin/cos features), "scalar" (t itself) or "none".
         mlp_widths: hidden layer widths (tanh after each); πRL uses (128, 64, 32).
         std_min, std_max: output bounds; πRL uses (0.08, 0.16). Floats, or one value per action dim
@@ -48,7 +47,6 @@ class NoiseHead(nn.Module):
         action_dim: int,
         hidden_dim: int = 0,
         *,
-        context_dim: int = 0,
         time_features: str = "sinusoidal",
         time_dim: int = 16,
         mlp_widths: Sequence[int] = (128, 64, 32),
@@ -67,15 +65,14 @@ class NoiseHead(nn.Module):
             raise ValueError(f"time_features must be sinusoidal, scalar or none, got {time_features!r}")
         self.action_dim = action_dim
         self.hidden_dim = hidden_dim
-        self.context_dim = context_dim
         self.time_features = time_features
         self.time_dim = {"sinusoidal": time_dim, "scalar": 1, "none": 0}[time_features]
         # Not saved with the weights: the bounds come from the sampler config (and norm stats).
         self.register_buffer("std_min", lo, persistent=False)
         self.register_buffer("std_max", hi, persistent=False)
-        in_dim = hidden_dim + self.time_dim + context_dim
+        in_dim = hidden_dim + self.time_dim
         if in_dim == 0:
-            raise ValueError("the noise head needs at least one input (hidden, time or context)")
+            raise ValueError("the noise head needs at least one input (hidden or time)")
         layers: list[nn.Module] = []
         for width in mlp_widths:
             layers += [nn.Linear(in_dim, width), nn.Tanh()]
@@ -97,7 +94,6 @@ class NoiseHead(nn.Module):
         self,
         hidden: torch.Tensor | None,
         t: torch.Tensor,
-        context: torch.Tensor | None = None,
         *,
         action_shape: tuple[int, int] | None = None,
     ) -> torch.Tensor:
@@ -118,14 +114,10 @@ class NoiseHead(nn.Module):
         time_embedding = self.time_embedding(t.to(dtype))
         if time_embedding is not None:
             parts.append(time_embedding[:, None, :].expand(n, horizon, -1))
-        if self.context_dim:
-            if context is None:
-                raise ValueError("this noise head reads an observation embedding but none was given")
-            parts.append(context.to(dtype)[:, None, :].expand(n, horizon, -1))
         raw = self.out(self.mlp(torch.cat(parts, dim=-1)))
         return squash_log_std(raw, self.std_min, self.std_max)
 
-    def forward(self, hidden, t, context=None, *, action_shape=None) -> torch.Tensor:
+    def forward(self, hidden, t, *, action_shape=None) -> torch.Tensor:
         """Std [N, H, D], clamped so exp() rounding can never leave [std_min, std_max]."""
-        std = torch.exp(self.log_std(hidden, t, context, action_shape=action_shape))
+        std = torch.exp(self.log_std(hidden, t, action_shape=action_shape))
         return std.clamp(self.std_min, self.std_max)

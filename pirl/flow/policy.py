@@ -55,7 +55,6 @@ def sample_chain(
     grid: DenoiseGrid | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    noise_context: torch.Tensor | None = None,
     velocity_transforms: Sequence[VelocityTransform] = (),
 ) -> Chain:
     """Sample a `Chain` of action chunks for a batch of observations (rollout, METHODS.md §2, §3).
@@ -80,7 +79,7 @@ def sample_chain(
                                    high=mask_high, generator=generator, device=noise.device)
     velocity_fn = policy_velocity_fn(policy, prefix, with_hidden=rule.needs_hidden)
     return sample(velocity_fn, grid, rule, step_mask, noise=noise, generator=generator,
-                  noise_context=noise_context, velocity_transforms=velocity_transforms)
+                  velocity_transforms=velocity_transforms)
 
 
 def chain_log_prob(
@@ -93,7 +92,6 @@ def chain_log_prob(
     prefix: Any = None,
     mask_exec: torch.Tensor | None = None,
     mask_dims: torch.Tensor | None = None,
-    noise_context: torch.Tensor | None = None,
     velocity_transforms: Sequence[VelocityTransform] = (),
 ) -> ChainLogProb:
     """Recompute a stored chain's log-prob and entropy under the policy's current weights (training).
@@ -109,4 +107,4 @@ def chain_log_prob(
     pair_prefix = prefix.select(sample_index) if sample_index.numel() else prefix
     velocity_fn = policy_velocity_fn(policy, pair_prefix, with_hidden=rule.needs_hidden)
     return log_prob(chain, velocity_fn, rule, reduction, mask_exec=mask_exec, mask_dims=mask_dims,
-                    noise_context=noise_context, velocity_transforms=velocity_transforms)
+                    velocity_transforms=velocity_transforms)

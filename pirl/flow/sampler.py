@@ -3,7 +3,7 @@
 `velocity_fn(x [B,H,D], t [B]) -> v [B,H,D]` is a closure over the policy prefix (see `policy.py`) or a
 closed-form field in tests. It may instead return `(v, hidden)` or an object with `.velocity` and
 `.hidden` (the action expert's `ExpertOutput`): the hidden states [B,H,W] then feed a learned noise
-head without a second expert pass. Without them, `features_fn(x, t) -> hidden` is called.
+head without a second expert pass (a rule whose head reads them needs a field that returns them).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from .masks import make_step_mask
 from .steps import ODERule, StepRule, euler_step, gaussian_log_prob
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], object]
-FeaturesFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A velocity transform (x, t, v) -> v' is a hook for test-time guidance (QGF, CFG, METHODS.md §5).
 VelocityTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,20 +40,13 @@ def evaluate_velocity(
     return v, hidden
 
 
-def noise_head_inputs(
-    rule: StepRule,
-    hidden: torch.Tensor | None,
-    features_fn: FeaturesFn | None,
-    x: torch.Tensor,
-    t: torch.Tensor,
-) -> torch.Tensor | None:
-    """Hidden features for the rule: those the field returned, else features_fn(x, t), else None."""
-    if not rule.needs_hidden or hidden is not None:
-        return hidden
-    if features_fn is None:
+def noise_head_inputs(rule: StepRule, hidden: torch.Tensor | None) -> torch.Tensor | None:
+    """Hidden features for the rule: those the field returned (None if it returned none and the rule
+    does not read them)."""
+    if rule.needs_hidden and hidden is None:
         raise ValueError("the step rule's noise head needs per-token features: return (v, hidden) from "
-                         "velocity_fn or pass features_fn")
-    return features_fn(x, t)
+                         "velocity_fn")
+    return hidden
 
 
 @torch.no_grad()
@@ -68,8 +60,6 @@ def sample(
     batch_size: int | None = None,
     action_shape: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
-    features_fn: FeaturesFn | None = None,
-    noise_context: torch.Tensor | None = None,
     velocity_transforms: Sequence[VelocityTransform] = (),
     dtype: torch.dtype = torch.float32,
     device=None,
@@ -87,8 +77,6 @@ def sample(
         noise: initial x_0 [B, H, D]; drawn from N(0, I) with `generator` when None (then batch_size and
             action_shape give its shape).
         generator: drives x_0, the mask draw (if a kind is given) and the step noise, in that order.
-        features_fn: (x, t) -> hidden [B, H, W] for a learned noise head, if velocity_fn gives none.
-        noise_context: optional [B, E] pooled observation embedding for the noise head.
         velocity_transforms: callables (x, t, v) -> v' applied in order to every velocity (guidance).
             Runs under no_grad; a transform that needs autograd enables it itself.
 
@@ -129,9 +117,8 @@ def sample(
         if stochastic.any():
             rows = stochastic.nonzero(as_tuple=True)[0]
             x_rows, v_rows, t_rows = x[rows], v[rows], t[rows]
-            hidden_rows = noise_head_inputs(rule, None if hidden is None else hidden[rows], features_fn, x_rows, t_rows)
-            context_rows = None if noise_context is None else noise_context[rows]
-            dist = rule.step(x_rows, v_rows, t_rows, steps[k].expand(rows.shape[0]), hidden_rows, context_rows)
+            hidden_rows = noise_head_inputs(rule, None if hidden is None else hidden[rows])
+            dist = rule.step(x_rows, v_rows, t_rows, steps[k].expand(rows.shape[0]), hidden_rows)
             xi = torch.randn(x_rows.shape, generator=generator, dtype=x.dtype, device=x.device)
             sampled = dist.mean + dist.std * xi
             x_next = x_next.index_copy(0, rows, sampled)

@@ -144,7 +144,7 @@ class ODERule:
     def stochastic(self) -> bool:
         return False
 
-    def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+    def step(self, x, v, t, dt, hidden=None) -> StepDistribution:
         return StepDistribution(euler_step(x, v, dt), None)
 
 
@@ -163,7 +163,7 @@ class SDERule:
     def stochastic(self) -> bool:
         return self.a_noise > 0
 
-    def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+    def step(self, x, v, t, dt, hidden=None) -> StepDistribution:
         return sde_step(x, v, t, dt, self.a_noise)
 
 
@@ -191,13 +191,13 @@ class FixedNoiseRule:
     def stochastic(self) -> bool:
         return True
 
-    def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+    def step(self, x, v, t, dt, hidden=None) -> StepDistribution:
         return learned_noise_step(x, v, dt, self.step_std.to(dtype=x.dtype, device=x.device))
 
 
 @dataclass(frozen=True, eq=False)
 class LearnedNoiseRule:
-    """Flow-Noise steps (METHODS.md §3): Euler mean, std from `noise_head(hidden, t, context)`."""
+    """Flow-Noise steps (METHODS.md §3): Euler mean, std from `noise_head(hidden, t)`."""
 
     noise_head: nn.Module
 
@@ -209,9 +209,9 @@ class LearnedNoiseRule:
     def needs_hidden(self) -> bool:
         return getattr(self.noise_head, "hidden_dim", 0) > 0
 
-    def step(self, x, v, t, dt, hidden=None, context=None) -> StepDistribution:
+    def step(self, x, v, t, dt, hidden=None) -> StepDistribution:
         t_rows = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        std = self.noise_head(hidden, t_rows, context, action_shape=tuple(x.shape[1:]))
+        std = self.noise_head(hidden, t_rows, action_shape=tuple(x.shape[1:]))
         return learned_noise_step(x, v, dt, std.to(x.dtype))
 
 

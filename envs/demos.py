@@ -7,7 +7,11 @@ Per episode (seed s):
     that trajectory closed-loop with ManiSkill's controller converter
     (mani_skill.trajectory.utils.actions.conversion.from_pd_joint_pos); every step this env
     takes is recorded (observation before the step, action);
- 3. the episode is cut at its first success step and kept only if it succeeded.
+ 3. the episode is cut `after_success` steps after its first success step (0: at it) and kept only
+    if it succeeded. The planner's trajectory goes on to the exact goal after the first success (which
+    fires as soon as the object is inside the goal radius): keeping those steps shows the policy that
+    reaching the radius is not the end of the motion. Cut at the first success, PickCube's demos end
+    with the cube 1-2 cm from the goal (radius 2.5 cm), and the cloned policy stops 2.5-5 cm away.
 Because step 2 starts from the seeded initial state the API also reaches with reset(seed=s), the
 recorded actions replayed open loop through the API repeat the episode (the simulator is
 deterministic on the CPU).
@@ -89,7 +93,7 @@ class DemoGenerator:
     """Holds the planner env (pd_joint_pos) and the recording env (training controller) so that
     consecutive episodes reuse them (building a camera env costs seconds of shader warm-up)."""
 
-    def __init__(self, cfg: ManiSkillConfig, max_steps: int):
+    def __init__(self, cfg: ManiSkillConfig, max_steps: int, after_success: int = 0):
         import gymnasium as gym
         import mani_skill.envs  # noqa: F401
 
@@ -99,7 +103,7 @@ class DemoGenerator:
         self.solve = _solutions().get(cfg.task)
         if self.solve is None:
             raise ValueError(f"no ManiSkill motion-planning solution for {cfg.task} (have {sorted(_solutions())})")
-        self.cfg, self.max_steps = cfg, max_steps
+        self.cfg, self.max_steps, self.after_success = cfg, max_steps, after_success
         self.recorder_cls = _recording_wrapper()
         # Planner trajectories can be longer than the kept episodes: give both envs ample room.
         self.planner_env = self.recorder_cls(gym.make(cfg.task, obs_mode="none", control_mode="pd_joint_pos",
@@ -133,17 +137,14 @@ class DemoGenerator:
         tracked = self.recorder_cls(target.raw_env)
         from_pd_joint_pos(self.cfg.control_mode, joint_actions, planner_env.unwrapped, tracked)
 
-        observations = [first_obs]
-        success_at = None
-        for t, (raw, info) in enumerate(tracked.results):
-            if bool(np.asarray(common.to_numpy(info.get("success", False))).reshape(-1)[0]):
-                success_at = t
-                break
-            observations.append(target.obs_adapter(common.unbatch(common.to_numpy(raw))))
+        success_at = next((t for t, (_, info) in enumerate(tracked.results)
+                           if bool(np.asarray(common.to_numpy(info.get("success", False))).reshape(-1)[0])), None)
         if success_at is None or success_at + 1 > self.max_steps:
             return None
-        length = success_at + 1
-        observations = observations[:length]
+        length = min(success_at + 1 + self.after_success, len(tracked.results), self.max_steps)
+        # Observation before each kept action: the reset's, then the one after each earlier step.
+        observations = [first_obs] + [target.obs_adapter(common.unbatch(common.to_numpy(raw)))
+                                      for raw, _ in tracked.results[:length - 1]]
         return Episode(
             prompt=self.cfg.instruction,
             state=np.stack([o["state"] for o in observations]),
@@ -161,9 +162,10 @@ def generate_maniskill_demos(task: str, num_episodes: int, out_dir: str, *,
                              image_size: tuple[int, int] = (128, 128),
                              cameras: Sequence[str] = ("base_camera",), seed: int = 0,
                              max_steps: int = 200, max_attempts: int | None = None,
-                             image_mode: str = "image", fps: int = 20) -> DemoReport:
+                             image_mode: str = "image", fps: int = 20, after_success: int = 0) -> DemoReport:
     """Generate `num_episodes` successful demos (seeds seed, seed+1, ...; failed seeds are skipped,
-    at most `max_attempts` tried) and write them as a LeRobot v3.0 dataset to `out_dir`."""
+    at most `max_attempts` tried) and write them as a LeRobot v3.0 dataset to `out_dir`. Each keeps up
+    to `after_success` of the planner's steps after its first success."""
     if num_episodes < 1:
         raise ValueError("num_episodes must be >= 1")
     cfg = ManiSkillConfig(task=task, control_mode=control_mode, obs_mode=obs_mode,
@@ -173,7 +175,7 @@ def generate_maniskill_demos(task: str, num_episodes: int, out_dir: str, *,
     episodes: list[Episode] = []
     attempts = 0
     current = seed
-    generator = DemoGenerator(cfg, max_steps)
+    generator = DemoGenerator(cfg, max_steps, after_success)
     try:
         while len(episodes) < num_episodes:
             if attempts >= max_attempts:
@@ -190,7 +192,7 @@ def generate_maniskill_demos(task: str, num_episodes: int, out_dir: str, *,
     finally:
         generator.close()
     extra = {"simulator": "maniskill3", "task": task, "control_mode": control_mode, "obs_mode": obs_mode,
-             "seeds": [e.seed for e in episodes], "source": "mani_skill motion planning, controller-converted"}
+             "seeds": [e.seed for e in episodes], "after_success": after_success, "source": "mani_skill motion planning, controller-converted"}
     write_lerobot_dataset(out_dir, episodes, fps, state_names=spec.state_names, robot_type="panda",
                           image_mode=image_mode, extra_info=extra)
     return DemoReport(out_dir=out_dir, episodes=len(episodes), attempts=attempts,
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=None)
     p.add_argument("--image-mode", default="image", choices=["image", "video"])
     p.add_argument("--fps", type=int, default=20)
+    p.add_argument("--after-success", type=int, default=0,
+                   help="planner steps kept after the first success (the motion to the exact goal)")
     return p
 
 
@@ -222,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = generate_maniskill_demos(
         args.task, args.num_episodes, args.out, control_mode=args.control_mode, obs_mode=args.obs_mode,
         image_size=tuple(args.image_size), cameras=args.cameras, seed=args.seed, max_steps=args.max_steps,
-        max_attempts=args.max_attempts, image_mode=args.image_mode, fps=args.fps)
+        max_attempts=args.max_attempts, image_mode=args.image_mode, fps=args.fps,
+        after_success=args.after_success)
     print(json.dumps(report.to_dict()))
     return 0
 

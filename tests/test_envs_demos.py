@@ -74,6 +74,22 @@ def test_demos_all_succeed_when_replayed_open_loop(pickcube_demos):
         env.close()
 
 
+def test_after_success_keeps_the_planners_approach_to_the_exact_goal(pickcube_demos, tmp_path):
+    """--after-success N extends a demo by the planner's next steps (up to N): the first frames are the
+    plain demo's, and the cube ends closer to the goal than at the first success."""
+    root = str(tmp_path / "tail")
+    assert demos_main(["--task", "PickCube-v1", "-n", "1", "--out", root, "--obs-mode", "state",
+                       "--control-mode", "pd_ee_delta_pose", "--seed", "0", "--after-success", "5"]) == 0
+    plain, tail = LeRobotReader(pickcube_demos), LeRobotReader(root)
+    n, m = plain.episodes[0]["length"], tail.episodes[0]["length"]
+    assert n < m <= n + 5
+    np.testing.assert_array_equal(tail.actions[:n], plain.actions[:n])
+    np.testing.assert_array_equal(tail.state[:n], plain.state[:n])
+    goal_distance = np.linalg.norm(tail.state[:, -3:], axis=1)  # PickCube's state ends with goal - cube
+    assert goal_distance[m - 1] < goal_distance[n - 1] - 0.003
+    assert json.load(open(os.path.join(root, "meta", "info.json")))["pirl"]["after_success"] == 5
+
+
 def test_success_once_latches_after_success_is_lost(pickcube_demos):
     """With terminate_on_success off, moving the arm after the demo ends breaks PickCube's success
     (it needs a static robot) while success_once stays set."""

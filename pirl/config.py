@@ -1,7 +1,10 @@
 """Strict typed configs for pirl's entry points.
 
 One rule everywhere: a config is a frozen dataclass; building it from a mapping (a Hydra/YAML node)
-with an unknown key raises and names the key and its path. `load_section` is that builder.
+with an unknown key raises and names the key and its path. `load_section` is that builder: vla's
+`from_dict` (pirl imports vla, not the other way round), so pirl and vla share one implementation and
+one message (`vla.config.unknown_keys_message`, also used for RLConfig's sections and a checkpoint's
+rollout settings). `envs` keeps its own typed loader (`envs.config`): envs imports neither vla nor pirl.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vla.config import ModelConfig
+from vla.config import ModelConfig, unknown_keys_message
 from vla.policy import FlowPolicy
 from vla.processor import NormStats, load_norm_stats, save_norm_stats
 
@@ -306,9 +306,9 @@ def save_policy(
 def validate_rollout(rollout: Mapping, where: str | os.PathLike) -> dict:
     """The rollout settings as plain data; unknown keys and bad values are errors naming `where`."""
     rollout = json.loads(json.dumps(dict(rollout)))
-    unknown = sorted(set(rollout) - set(ROLLOUT_KEYS))
+    unknown = unknown_keys_message(rollout, ROLLOUT_KEYS, kind="rollout setting")
     if unknown:
-        raise ValueError(f"{where}: unknown rollout setting(s) {unknown}; valid: {list(ROLLOUT_KEYS)}")
+        raise ValueError(f"{where}: {unknown}")
     for key in ("env", "camera_map"):
         if key in rollout and not isinstance(rollout[key], dict):
             raise ValueError(f"{where}: rollout {key} must be a mapping, got {rollout[key]!r}")

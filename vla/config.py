@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 Variant = Literal["pi0", "pi05"]
@@ -135,15 +135,27 @@ class ModelConfig:
 T = TypeVar("T")
 
 
+def unknown_keys_message(data: Mapping[str, Any], valid: Iterable[str], path: str = "", kind: str = "key"
+                         ) -> str | None:
+    """The one wording of a strict loader's error, or None when every key of `data` is in `valid`:
+    `unknown config key(s) in PATH: [...]; valid keys: [...]` (`pirl.cli` parses this form to point at
+    the closest valid key). `kind` names other things with keys ("section", "rollout setting")."""
+    valid = set(valid)
+    unknown = sorted(set(data) - valid)
+    if not unknown:
+        return None
+    where = f" in {path}" if path else ""
+    return f"unknown config {kind}(s){where}: {unknown}; valid {kind}s: {sorted(valid)}"
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Builds a (nested) config dataclass; an unknown key is an error naming its full path."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = unknown_keys_message(data, fields, path)
     if unknown:
-        where = f" in {path}" if path else ""
-        raise KeyError(f"unknown config key(s){where}: {unknown}; valid keys: {sorted(fields)}")
+        raise KeyError(unknown)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         field = fields[name]

@@ -7,9 +7,10 @@ The functions themselves take plain keyword arguments (the trainer passes each f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Literal
 
-T = TypeVar("T")
+# The project's one strict loader (vla.config.from_dict through pirl.config), under its old name here.
+from pirl.config import load_section as from_dict  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,3 @@ class GRPOConfig:
     filter_high: float = 0.9
     """Groups whose mean success is above this are dropped (all-success groups carry no signal)."""
 
-
-def from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ``KeyError`` naming them.
-
-    The one strict loader of the project (``pirl.config.load_section``), re-exported here.
-    """
-    from pirl.config import load_section
-
-    return load_section(cls, values)

@@ -61,6 +61,7 @@ from pirl.train.rl_core import (
     ppo_update,
 )
 from vla.checkpoint import atomic_directory, load_policy, read_metadata, save_policy, tokenizer_path
+from vla.config import unknown_keys_message
 from vla.processor import Processor, PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,9 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RLConfig":
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        unknown = unknown_keys_message(data, [f.name for f in dataclasses.fields(cls)], kind="section")
         if unknown:
-            raise KeyError(f"unknown config section(s) {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+            raise KeyError(unknown)
         kwargs: dict[str, Any] = {"env": dict(data.get("env") or {})}
         for field in dataclasses.fields(cls):
             if field.name != "env" and field.name in data:

@@ -335,46 +335,25 @@ def test_every_method_runs_on_a_tiny_policy_with_the_prefix_computed_once(varian
 
 
 @pytest.mark.parametrize("name", ["pi0", "pi05"])
-def test_guided_velocities_have_the_right_shapes_on_the_full_configs_on_meta(name):
-    """Shapes only, no memory: every guided velocity for K steps on the published sizes.
-
-    `pirl.flow.sample` itself reads `int(step_mask.sum())`, which a meta tensor cannot answer, so the
-    loop here is the sampler's Euler loop written out with the same guided velocities. BPTT reads the
-    step index off t's value and cannot run on meta either.
-    """
+def test_guided_sample_runs_end_to_end_on_the_full_configs_on_meta(name):
+    """Shapes only, no memory: `guided_sample` itself, every method but BPTT, on the published sizes
+    (π0 / π0.5 built on `meta`). BPTT reads the step index off t's value, which meta cannot give."""
     from vla.config import get_config
     from vla.policy import FlowPolicy
     from vla.testing import random_inputs
 
     with torch.device("meta"):
         policy = FlowPolicy(get_config(name))
-    cfg_model, batch = policy.config, 2
+    batch, cfg_model = 2, policy.config
     inputs = random_inputs(policy, batch).to("meta")
     prefix = policy.embed_prefix(inputs)
     q_fn = executed_chunk_q(inputs.state)
-    stats = GuidanceStats(batch_size=batch)
-
-    def policy_field(p):
-        return lambda x, t: policy.velocity(p, x, t)
-
-    candidates = 2
-    repeated = prefix.select(torch.arange(batch, device="meta").repeat(candidates))
-    fields = {
-        "qgf": (policy_field(prefix), [QGFGuidance(q_fn, 0.5, (-1.0, 1.0), stats)], batch),
-        "ood": (policy_field(prefix), [OODGuidance(q_fn, 0.5, stats)], batch),
-        "qgf_jacobian": (JacobianGuidedVelocity(policy_field(prefix), q_fn, 0.5, (-1.0, 1.0), stats), [], batch),
-    }
-    shape, grid = (cfg_model.action_horizon, cfg_model.action_dim), DenoiseGrid.uniform(2)  # shapes need few steps
-    for method, (field, transforms, rows) in fields.items():
-        x = torch.randn(rows, *shape, device="meta")
-        steps = grid.steps_tensor(device="meta")
-        for k in range(grid.num_steps):
-            v, _ = evaluate_velocity(field, x, torch.full((rows,), grid.times[k], device="meta"), transforms)
-            x = euler_step(x, v, steps[k])
-        assert x.shape == (rows, *shape) and x.is_meta, method
-    # GradStep on the final chunk, and best-of-N: candidates on repeated prefix rows, argmax of the tiled Q.
-    assert gradstep_ascent(q_fn, x, 2, 0.1, (-1.0, 1.0)).shape == x.shape
-    candidates_x = policy.velocity(repeated, torch.randn(candidates * batch, *shape, device="meta"),
-                                   torch.ones(candidates * batch, device="meta"))
-    best = best_of_n_index(tile_q(q_fn, candidates)(candidates_x).reshape(candidates, batch))
-    assert candidates_x.reshape(candidates, batch, *shape)[best, torch.arange(batch, device="meta")].shape == x.shape
+    methods = [GuidanceConfig("qgf", weight=0.5), GuidanceConfig("ood", weight=0.5),
+               GuidanceConfig("qgf_jacobian", weight=0.5),
+               GuidanceConfig("gradstep", gradstep_steps=2, gradstep_size=0.1),
+               GuidanceConfig("best_of_n", n=2), GuidanceConfig("qgf_best_of_n", weight=0.5, n=2)]
+    for cfg in methods:
+        out = guided_sample(policy, prefix, q_fn, cfg, grid=DenoiseGrid.uniform(2))  # shapes need few steps
+        assert out.actions.is_meta and out.actions.shape == (batch, cfg_model.action_horizon,
+                                                             cfg_model.action_dim), cfg.method
+        assert out.chain.latents.shape[:2] == (batch, 3), cfg.method

@@ -38,6 +38,8 @@ class Chain:
         if tuple(self.step_mask.shape) != (b, self.grid.num_steps) or self.step_mask.dtype != torch.bool:
             raise ValueError(f"step_mask must be bool [{b}, {self.grid.num_steps}], got {self.step_mask.dtype} "
                              f"{tuple(self.step_mask.shape)}")
+        if self.step_mask.is_meta:  # shape checks on `meta` (no values): the row count is what was given
+            return
         n = int(self.step_mask.sum())
         for name in ("means", "stds", "log_probs"):
             shape = tuple(getattr(self, name).shape)
@@ -74,6 +76,8 @@ class Chain:
     def select(self, index: torch.Tensor) -> "Chain":
         """Sub-chain of the samples `index` [M] (may repeat), e.g. a PPO minibatch."""
         index = index.to(device=self.latents.device, dtype=torch.long)
+        if self.means.shape[0] == 0:  # no stochastic step (an ODE chain): no rows to gather; runs on `meta`
+            return replace(self, latents=self.latents[index], step_mask=self.step_mask[index])
         row_of = torch.full(self.step_mask.shape, -1, dtype=torch.long, device=self.latents.device)
         row_of[self.step_mask] = torch.arange(self.num_stochastic, device=self.latents.device)
         step_mask = self.step_mask[index]

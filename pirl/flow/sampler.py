@@ -100,7 +100,9 @@ def sample(
 
     times = grid.times_tensor(x.dtype, x.device)
     steps = grid.steps_tensor(x.dtype, x.device)
-    num_stochastic = int(step_mask.sum())
+    # An ODE chain never reads the mask's values, so it also runs on `meta` tensors (shape checks of the
+    # full π0 without memory).
+    num_stochastic = int(step_mask.sum()) if rule.stochastic else 0
     # Row r of means/stds/log_probs belongs to the r-th True entry of step_mask in row-major order.
     row_of = torch.full((batch_size, num_steps), -1, dtype=torch.long, device=x.device)
     row_of[step_mask] = torch.arange(num_stochastic, device=x.device)
@@ -114,7 +116,7 @@ def sample(
         v, hidden = evaluate_velocity(velocity_fn, x, t, velocity_transforms)
         x_next = euler_step(x, v, steps[k])
         stochastic = step_mask[:, k]
-        if stochastic.any():
+        if num_stochastic and stochastic.any():
             rows = stochastic.nonzero(as_tuple=True)[0]
             x_rows, v_rows, t_rows = x[rows], v[rows], t[rows]
             hidden_rows = noise_head_inputs(rule, None if hidden is None else hidden[rows])

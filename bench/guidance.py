@@ -32,6 +32,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from pirl.algos.stats import paired_counts, sign_test_p  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,20 +222,7 @@ def measure_cost(policy, processor, critic, env, configs, num_steps: int, seed: 
 
 def paired(row: dict, base: dict) -> tuple[int, int]:
     """Episodes (same seed) this method solved and the base did not, and the reverse."""
-    mine, theirs = dict(map(tuple, row["per_episode"])), dict(map(tuple, base["per_episode"]))
-    won = sum(1 for seed, ok in mine.items() if ok and not theirs.get(seed, False))
-    lost = sum(1 for seed, ok in mine.items() if not ok and theirs.get(seed, False))
-    return won, lost
-
-
-def sign_test_p(won: int, lost: int) -> float:
-    """Two-sided exact sign test on the discordant pairs (McNemar's exact test)."""
-    from math import comb
-
-    n, k = won + lost, min(won, lost)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+    return paired_counts(dict(map(tuple, row["per_episode"])), dict(map(tuple, base["per_episode"])))
 
 
 def to_markdown(r: dict) -> str:

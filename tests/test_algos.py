@@ -283,3 +283,15 @@ def test_strict_configs():
         from_dict(PPOConfig, {"clip_esp": 0.1})
     with pytest.raises(Exception):
         PPOConfig().clip_eps = 0.3  # frozen
+
+
+def test_paired_counts_and_the_exact_sign_test_against_hand_worked_numbers():
+    from pirl.algos.stats import paired_counts, sign_test_p
+
+    mine = {0: True, 1: True, 2: False, 3: False, 4: True}
+    base = {0: True, 1: False, 2: True, 3: False, 4: False}
+    assert paired_counts(mine, base) == (2, 1) and paired_counts(base, mine) == (1, 2)
+    # n = 10 discordant, k = 1: 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024
+    assert sign_test_p(9, 1) == pytest.approx(22 / 1024) == sign_test_p(1, 9)
+    assert sign_test_p(5, 5) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(26, 11) == pytest.approx(0.0201, abs=1e-4)  # RL (seed 0) vs its SFT start, PickCube

@@ -81,3 +81,25 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     center = (p + z * z / (2 * trials)) / denom
     half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def paired_counts(mine: dict, base: dict) -> tuple[int, int]:
+    """Episodes (keyed by seed) that `mine` solved and `base` did not, and the reverse.
+
+    Two policies evaluated on the same seeds and initial noises differ only in their discordant
+    episodes; comparing those (the sign test below) resolves far smaller differences than two
+    unpaired success rates, whose intervals on 128 episodes are ~±8 points wide.
+    """
+    won = sum(1 for seed, ok in mine.items() if ok and not base.get(seed, False))
+    lost = sum(1 for seed, ok in mine.items() if not ok and base.get(seed, False))
+    return won, lost
+
+
+def sign_test_p(won: int, lost: int) -> float:
+    """Two-sided exact sign test on the discordant pairs (McNemar's exact test); 1.0 with none."""
+    from math import comb
+
+    n, k = won + lost, min(won, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)

@@ -198,24 +198,30 @@ class PaliGemmaWithExpert(nn.Module):
         attend: Tensor,
         past: KVCache | None = None,
         keep_kv: bool = False,
-    ) -> tuple[list[Tensor], KVCache | None]:
+        kv_only: bool = False,
+    ) -> tuple[list[Tensor] | None, KVCache | None]:
         """Runs all layers over the concatenated streams.
 
         positions: [B, L_new] RoPE positions of the new tokens (streams concatenated in order).
         attend: bool [B, L_new, L_past + L_new], True where a query may attend a key.
         past: keys/values of earlier tokens (a prefix cache); read, never modified.
         keep_kv: return this call's keys/values (past ones included) per layer.
-        Returns the final-normed hidden states per stream, and the cache when keep_kv.
+        kv_only: only the cache is wanted (with keep_kv): the last layer stops at its keys and values, since
+            its queries, attention, output projection and MLP feed nothing but the final hidden states.
+        Returns the final-normed hidden states per stream (None when kv_only), and the cache when keep_kv.
         """
+        if kv_only and not keep_kv:
+            raise ValueError("kv_only needs keep_kv: the pass would return nothing")
         cfg = self.config.vlm
         stacks = self.stacks()
         hidden = [s.hidden for s in streams]
         lengths = [h.shape[1] for h in hidden]
         batch = hidden[0].shape[0]
-        cos, sin = self.rotary(hidden[0], positions)
-        mask = attend[:, None, :, :]
+        cos, sin = self.rotary(hidden[0], positions)  # in the streams' dtype, that of q and k
+        mask = additive_mask(attend, hidden[0].dtype)  # once here, not converted again in every layer
         new_cache = []
         for i in range(cfg.depth):
+            last_kv_only = kv_only and i == cfg.depth - 1
             queries, keys, values, gates = [], [], [], []
             for s, h in zip(streams, hidden, strict=True):
                 layer = stacks[s.stack].layers[i]
@@ -223,18 +229,20 @@ class PaliGemmaWithExpert(nn.Module):
                 gates.append(gate)
                 attn = layer.self_attn
                 shape = (batch, h.shape[1], -1, cfg.head_dim)
-                queries.append(attn.q_proj(normed).view(shape).transpose(1, 2))
+                if not last_kv_only:
+                    queries.append(attn.q_proj(normed).view(shape).transpose(1, 2))
                 keys.append(attn.k_proj(normed).view(shape).transpose(1, 2))
                 values.append(attn.v_proj(normed).view(shape).transpose(1, 2))
-            q, k = apply_rotary_pos_emb(
-                torch.cat(queries, 2), torch.cat(keys, 2), cos.to(queries[0].dtype), sin.to(queries[0].dtype)
-            )
-            v = torch.cat(values, 2)
+            k = join(keys)  # no queries in a kv-only last layer: RoPE's query half then rotates k again (cheap)
+            q, k = apply_rotary_pos_emb(k if last_kv_only else join(queries), k, cos, sin)
+            v = join(values)
             if past is not None:
                 k = torch.cat([past[i][0], k], 2)
                 v = torch.cat([past[i][1], v], 2)
             if keep_kv:
                 new_cache.append((k, v))
+            if last_kv_only:
+                return None, tuple(new_cache)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.head_dim**-0.5, enable_gqa=True)
             out = out.transpose(1, 2).reshape(batch, sum(lengths), cfg.num_heads * cfg.head_dim)
             start = 0
@@ -247,6 +255,19 @@ class PaliGemmaWithExpert(nn.Module):
                 hidden[j] = gated_residual(h, layer.mlp(normed), gate)
         outputs = [apply_norm(stacks[s.stack].norm, h, s.cond)[0] for s, h in zip(streams, hidden, strict=True)]
         return outputs, (tuple(new_cache) if keep_kv else None)
+
+
+def join(parts: list[Tensor]) -> Tensor:
+    """Streams' heads concatenated along the sequence; one stream (the prefix pass, a cached expert
+    step) is used as it is instead of being copied by `torch.cat`."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def additive_mask(attend: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool [B, Lq, Lk] -> [B, 1, Lq, Lk] of 0 / -inf in `dtype`: what scaled_dot_product_attention makes
+    of a bool mask at every call, made once per forward for all layers (the same values, so the same
+    attention)."""
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))[:, None]
 
 
 def block_attention(pad_keys: Tensor, block_queries: Tensor, block_keys: Tensor) -> Tensor:

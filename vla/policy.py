@@ -30,12 +30,14 @@ class Prefix:
     """The VLM's output for one batch of observations, reused across denoising steps.
 
     kv: per layer (keys, values) [B, kv_heads, L, head_dim] with RoPE applied.
-    pad_mask: bool [B, L]; hidden: final-normed VLM hidden states [B, L, W_vlm]; state: [B, D] (π0).
+    pad_mask: bool [B, L]; state: [B, D] (π0).
+    hidden: final-normed VLM hidden states [B, L, W_vlm] (value / critic features), or None for a prefix
+        embedded with `hidden=False` (denoising reads only the keys and values).
     """
 
     kv: KVCache
     pad_mask: Tensor
-    hidden: Tensor
+    hidden: Tensor | None
     state: Tensor
 
     @property
@@ -47,12 +49,14 @@ class Prefix:
         return Prefix(
             kv=tuple((k[index], v[index]) for k, v in self.kv),
             pad_mask=self.pad_mask[index],
-            hidden=self.hidden[index],
+            hidden=None if self.hidden is None else self.hidden[index],
             state=self.state[index],
         )
 
     def pooled(self) -> Tensor:
         """Mean of the valid prefix tokens' final hidden states [B, W_vlm] (π0.5 value features)."""
+        if self.hidden is None:
+            raise ValueError("this prefix was embedded without its hidden states (embed_prefix(hidden=False))")
         w = self.pad_mask.to(self.hidden.dtype)[..., None]
         return (self.hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
 
@@ -140,14 +144,20 @@ class FlowPolicy(nn.Module):
         text = backbone.embed_tokens(inputs.tokens).to(images.dtype)
         return torch.cat([images, text], 1), torch.cat([image_pad, inputs.token_masks], 1)
 
-    def embed_prefix(self, inputs: ModelInputs) -> Prefix:
-        """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call."""
+    def embed_prefix(self, inputs: ModelInputs, hidden: bool = True) -> Prefix:
+        """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call.
+
+        hidden=False: only the keys/values, for denoising alone: the VLM's last layer then stops at them
+        (its attention, output projection and MLP make only the final hidden states, ~1/depth of the VLM's
+        work) and `Prefix.hidden` is None. The keys/values are the same either way.
+        """
         embeds, pad = self._embed_prefix_tokens(inputs)
         positions = pad.long().cumsum(1) - 1
         blocks = torch.zeros_like(positions)
         attend = block_attention(pad, blocks, blocks)
-        (hidden,), kv = self.paligemma_with_expert([Stream(embeds, 0)], positions, attend, keep_kv=True)
-        return Prefix(kv=kv, pad_mask=pad, hidden=hidden, state=inputs.state)
+        outputs, kv = self.paligemma_with_expert([Stream(embeds, 0)], positions, attend, keep_kv=True,
+                                                 kv_only=not hidden)
+        return Prefix(kv=kv, pad_mask=pad, hidden=outputs[0] if hidden else None, state=inputs.state)
 
     # -- suffix ---------------------------------------------------------------------------------
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -280,7 +290,7 @@ class FlowPolicy(nn.Module):
         x = torch.randn(shape, generator=generator, device=inputs.state.device) if noise is None else noise.float()
         if tuple(x.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(x.shape)}")
-        prefix = self.embed_prefix(inputs)
+        prefix = self.embed_prefix(inputs, hidden=False)
         for k in range(steps):
             t_now, t_next = 1.0 - k / steps, 1.0 - (k + 1) / steps
             v = self.velocity(prefix, x, torch.full((b,), t_now, device=x.device))

@@ -242,14 +242,7 @@ def rollout_on_worker(worker, cfg: RLConfig, iteration: int) -> TrajectoryBatch:
     env, processor = worker.scratch["env"], worker.scratch["processor"]
     seed = iteration_seed(cfg.run.seed, iteration, worker.index)
     n = cfg.cluster.envs_per_worker
-    if cfg.run.algorithm == "grpo":
-        # G envs per group share a reset state: env i gets seed + i // G.
-        g = cfg.grpo.group_size
-        if n % g:
-            raise ValueError(f"GRPO needs envs_per_worker ({n}) to be a multiple of group_size ({g})")
-        obs = env.reset([seed + i // g for i in range(n)])
-    else:
-        obs = env.reset(seed)
+    obs = env.reset(ALGORITHMS[cfg.run.algorithm].reset_seeds(seed, n, cfg))
     generator = torch.Generator().manual_seed(seed)
     batch, _ = collect_rollout(worker.model, processor, env, obs, cfg.run.num_chunks, cfg.run.n_exec,
                                cfg.sampler, generator, weight_version=worker.version)
@@ -515,7 +508,8 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     # 4. PPO epochs
     generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
     metrics = ppo_update(roles.host_agent, roles.learners.train_step, batch, advantages, returns, cfg.sampler,
-                         cfg.optim, cfg.ppo, cfg.value, generator, valid=valid, use_value=run.algorithm == "ppo")
+                         cfg.optim, cfg.ppo, cfg.value, generator, valid=valid,
+                         use_value=ALGORITHMS[run.algorithm].use_value)
     t3 = time.perf_counter()
     # 5. log, evaluate, checkpoint
     record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1,
@@ -538,13 +532,48 @@ def _on_schedule(iteration: int, every: int, iterations: int) -> bool:
 
 
 def advantages_of(batch: TrajectoryBatch, cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(advantages, returns, valid): chunk-level GAE (PPO) or group-relative success (GRPO, whose
-    returns are its advantages and which marks the samples to learn from)."""
-    if cfg.run.algorithm == "grpo":
-        advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
-        return advantages, advantages, valid
+    """(advantages, returns, valid) of the run's algorithm."""
+    return ALGORITHMS[cfg.run.algorithm].advantages(batch, cfg)
+
+
+# -- the algorithm: everything choosing PPO or GRPO changes, in one place ----------------------------
+def _one_seed(seed: int, n: int, cfg: RLConfig) -> int:
+    return seed
+
+
+def _grouped_seeds(seed: int, n: int, cfg: RLConfig) -> list[int]:
+    """G envs per group share a reset state: env i gets seed + i // G."""
+    g = cfg.grpo.group_size
+    if n % g:
+        raise ValueError(f"GRPO needs envs_per_worker ({n}) to be a multiple of group_size ({g})")
+    return [seed + i // g for i in range(n)]
+
+
+def _gae_advantages(batch: TrajectoryBatch, cfg: RLConfig):
     advantages, returns = compute_advantages(batch, cfg.gae)
     return advantages, returns, None
+
+
+def _group_advantages(batch: TrajectoryBatch, cfg: RLConfig):
+    # GRPO's returns are its advantages; `valid` marks the samples to learn from.
+    advantages, valid = grpo_episode_advantages(batch, cfg.grpo)
+    return advantages, advantages, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """reset_seeds(seed, n, cfg): the envs' reset seeds; advantages(batch, cfg) -> (advantages, returns,
+    valid); use_value: whether the PPO update trains and uses the value head."""
+
+    reset_seeds: Any
+    advantages: Any
+    use_value: bool
+
+
+ALGORITHMS = {
+    "ppo": Algorithm(reset_seeds=_one_seed, advantages=_gae_advantages, use_value=True),  # chunk-level GAE
+    "grpo": Algorithm(reset_seeds=_grouped_seeds, advantages=_group_advantages, use_value=False),  # group success
+}
 
 
 def rollout_metrics(batch: TrajectoryBatch) -> dict:

@@ -33,9 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 METHODS = {
     "flow_sde": ["sampler=flow_sde", "algo=ppo"],
-    # the learned noise bounded in the env's units (explore_std, a Flow-SDE key, cleared in case the
-    # overrides set it)
-    "flow_noise": ["sampler=flow_noise", "algo=ppo", "sampler.explore_std=[]", "sampler.noise_bounds_units=raw",
+    # the learned noise bounded in the env's units, at the last step only (as Flow-SDE's hybrid mask)
+    "flow_noise": ["sampler=flow_noise", "algo=ppo", "sampler.noise_bounds_units=raw",
                    "sampler.noise_std_min=0.005", "sampler.noise_std_max=0.03", "sampler.mask=hybrid",
                    "sampler.mask_low=-1"],
     "grpo": ["sampler=flow_sde", "algo=grpo", "grpo.group_size=8"],

@@ -1,14 +1,16 @@
 """Env throughput of the real RL rollout loop, for several worker-process layouts, in one run.
 
-    python bench/rl_throughput.py [--layouts before 1 4 8 16] [--rollouts 3] [--num-envs 16] [--quick]
+    python bench/rl_throughput.py [--layouts before 1 4 8 16 auto@32] [--rollouts 3] [--num-envs 16] [--quick]
 
 A layout is "before" (one process per env with the worker env as it was before `envs_per_process`:
-ManiSkill with autograd bookkeeping, no GC freeze, no kept render context) or a value of the env
-config's `envs_per_process` with the current code.
+ManiSkill with autograd bookkeeping, no GC freeze, no kept render context), a value of the env
+config's `envs_per_process` with the current code, or "auto" (the default: one process per core).
+"@N" runs it on N envs instead of --num-envs: `before@16 auto@32` compares the main job as it was
+(16 envs, one process each) with the main job as it is (32 envs on one process per core).
 
 The loop is what `pirl train experiment=maniskill_pickcube_tiny` runs per iteration
 (rollout_on_worker): `env.reset(seed)`, then `pirl.train.rl_core.collect_rollout`, on that job's
-setup pinned here: the shipped policy assets/pickcube_tiny_sft, Flow-SDE with the sampler file's
+setup pinned here: the main job's start assets/pickcube_tiny_sft_v4_2k, Flow-SDE with the sampler file's
 defaults, 16 PickCube state envs (configs/env/maniskill_pickcube_state.yaml, 100-step episodes,
 shaped_diff reward), num_chunks 20, n_exec 5, built as pirl/train/rl.py builds them. All layouts
 are alive at once and their rollouts alternate (round r runs every layout once), so a load change
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-POLICY = "assets/pickcube_tiny_sft"
+POLICY = "assets/pickcube_tiny_sft_v4_2k"  # the main job's start
 
 
 class Timers(dict):
@@ -127,15 +129,17 @@ class Layout:
     name "before": one process per env with the worker env as it was before this change; an
     integer: envs_per_process with the current code."""
 
-    def __init__(self, name: str, cfg, num_envs: int):
+    def __init__(self, spec: str, cfg, default_envs: int):
         from pirl.train.rl import make_env
 
-        self.name = name
+        self.name, _, envs = spec.partition("@")
+        self.num_envs = int(envs) if envs else default_envs
         started = time.perf_counter()
-        if name == "before":
-            self.env = make_before_env(cfg.env, num_envs, cfg.run.seed)
+        if self.name == "before":
+            self.env = make_before_env(cfg.env, self.num_envs, cfg.run.seed)
         else:
-            self.env = make_env({**cfg.env, "envs_per_process": int(name)}, num_envs, cfg.run.seed)
+            per_process = None if self.name == "auto" else int(self.name)
+            self.env = make_env({**cfg.env, "envs_per_process": per_process}, self.num_envs, cfg.run.seed)
         self.build_s = time.perf_counter() - started
         self.processes = self.env.backend.pool.num_workers
         self.timers = Timers()  # sums over the timed rollouts
@@ -193,6 +197,7 @@ class Layout:
         other = t["total"] - t["reset"] - policy_calls - t["step_chunk"]
         return {
             "layout": self.name,
+            "num_envs": self.num_envs,
             "processes": self.processes,
             "env_steps": self.env_steps,
             "seconds": round(t["total"], 2),
@@ -224,10 +229,10 @@ def same_batches(a, b) -> bool:
                                               (a.truncated, b.truncated), (a.chain.actions, b.chain.actions)))
 
 
-def layout_label(name: str) -> str:
-    if name == "before":
-        return "before: 1 per process, old worker env"
-    return f"{name} per process"
+def layout_label(name: str, num_envs: int | None = None) -> str:
+    label = {"before": "before: 1 per process, old worker env", "auto": "one process per core"}.get(
+        name, f"{name} per process")
+    return label if num_envs is None else f"{num_envs} envs, {label}"
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -244,7 +249,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {layout_label(r['layout'])} | {r['processes']} | {r['env_steps_per_s']} |"
+        lines.append(f"| {layout_label(r['layout'], r['num_envs'])} | {r['processes']} | {r['env_steps_per_s']} |"
                      f" {r['env_steps_per_s'] / base:.2f}x | {', '.join(map(str, r['rollout_steps_per_s']))} |"
                      f" {r['collect_env_steps_per_s']} | {r['collect_env_steps_per_s'] / base_collect:.2f}x |"
                      f" {r['reset_s_per_rollout']} | {r['build_s']} | {r['worker_cpu_ms_per_env_step']} |"
@@ -253,7 +258,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "Time per chunk (ms, mean over the timed rollouts; the rollout's reset spread over its chunks):", "",
               "| layout | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for r in rows:
-        lines.append(f"| {layout_label(r['layout'])} | " + " | ".join(str(r["ms_per_chunk"][k]) for k in keys) + " |")
+        lines.append(f"| {layout_label(r['layout'], r['num_envs'])} | " + " | ".join(str(r["ms_per_chunk"][k]) for k in keys) + " |")
     lines += ["", "Env steps/s (reset + rollout) is what `pirl train` logs: `env.reset(seed)` (every scene rebuilt)"
               " and `collect_rollout`. Per chunk: `reset` = that reset; `processor` = observations -> model"
               " inputs; `model` = prefix, denoising and value head (the chunk's sample, and V of truncated"
@@ -262,7 +267,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
               " `step_chunk_minus_busy` = waiting for the slowest process, pipes, pickling, stacking;"
               " `rl_core_other` = the rest of collect_rollout. Worker CPU ms / env step = CPU seconds of all"
               " worker processes during collect_rollout (auto-resets included) per executed env step; worker"
-              " CPU s / reset = theirs during `env.reset(seed)` (16 scene rebuilds).", ""]
+              " CPU s / reset = theirs during `env.reset(seed)` (one scene rebuild per env).", ""]
     return "\n".join(lines)
 
 
@@ -277,9 +282,10 @@ def layout_timers_reset(layouts: list[Layout]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", nargs="+", default=["before", "1", "4", "8", "16"],
-                        help="'before' (the old layout and worker env) or envs_per_process values; the"
-                             " first is the baseline of the ratios")
+    parser.add_argument("--layouts", nargs="+", default=["before", "1", "4", "8", "16", "auto@32"],
+                        help="'before' (the old layout and worker env), envs_per_process values or 'auto'"
+                             " (one process per core), each optionally @N envs; the first is the baseline of"
+                             " the ratios")
     parser.add_argument("--rollouts", type=int, default=3, help="timed rollouts per layout (after one warm-up)")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--num-chunks", type=int, default=20)
@@ -309,7 +315,8 @@ def main(argv=None) -> int:
     try:
         for name in args.layouts:
             layouts.append(Layout(name, cfg, args.num_envs))
-            print(f"built {layout_label(name)}: {layouts[-1].processes} processes in {layouts[-1].build_s:.1f} s,"
+            print(f"built {layout_label(layouts[-1].name, layouts[-1].num_envs)}: {layouts[-1].processes}"
+                  f" processes in {layouts[-1].build_s:.1f} s,"
                   f" {available_gib():.1f} GiB memory left", flush=True)
         for layout in layouts:  # warm-up (first resets, allocator, caches), not timed
             layout.rollout(agent, processor, cfg, 999, args.num_chunks, args.n_exec, keep_batch=False)
@@ -317,17 +324,19 @@ def main(argv=None) -> int:
         for r in range(args.rollouts):
             for layout in layouts:
                 batch = layout.rollout(agent, processor, cfg, 1000 + r, args.num_chunks, args.n_exec, keep_batch=True)
-                print(f"rollout {r} {layout_label(layout.name)}: {layout.rollout_steps_per_s[-1]:.1f} env steps/s"
+                print(f"rollout {r} {layout_label(layout.name, layout.num_envs)}:"
+                      f" {layout.rollout_steps_per_s[-1]:.1f} env steps/s"
                       f" ({batch.env_steps} steps; {layout.collect_steps_per_s[-1]:.1f} without the reset)", flush=True)
     finally:
         for layout in layouts:
             layout.env.close()
     rows = [layout.summary() for layout in layouts]
-    for layout, row in zip(layouts, rows):
-        row["batches_equal_first_layout"] = all(same_batches(a, b) for a, b in zip(layouts[0].batches, layout.batches))
+    for layout, row in zip(layouts, rows):  # against the first layout of the same env count
+        first = next(x for x in layouts if x.num_envs == layout.num_envs)
+        row["batches_equal_first_layout"] = all(same_batches(a, b) for a, b in zip(first.batches, layout.batches))
     meta = {
         "machine": machine(),
-        "setup": (f"The main job's rollout: {args.num_envs} PickCube state envs (max"
+        "setup": (f"The main job's rollout: {args.num_envs} PickCube state envs unless a layout says @N (max"
                   f" {cfg.env.get('max_episode_steps')} steps, {cfg.env.get('reward_mode')}), {POLICY},"
                   f" {cfg.sampler.kind} {cfg.sampler.num_steps} steps a_noise {cfg.sampler.a_noise}, num_chunks {args.num_chunks}, n_exec {args.n_exec},"
                   f" OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch threads 1."),

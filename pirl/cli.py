@@ -175,9 +175,12 @@ def cmd_train(argv: list[str]) -> int:
     history = result["history"]
     if history:
         first, last = history[0], history[-1]
-        evals = [h["eval_success_rate"] for h in history if "eval_success_rate" in h]
+        evals = [f"{h['eval_successes']}/{h['eval_episodes']}" for h in history if "eval_success_rate" in h]
+        start = [f"{h['start_eval_successes']}/{h['start_eval_episodes']}" for h in history[:1]
+                 if "start_eval_successes" in h]
         print(f"pirl train: {len(history)} iterations; rollout success_once {first['success_once']:.2f} -> "
-              f"{last['success_once']:.2f}" + (f"; eval success {evals[0]:.2f} -> {evals[-1]:.2f}" if evals else ""))
+              f"{last['success_once']:.2f}" + (f"; ODE evaluation: {' -> '.join(start + [', '.join(evals)])}"
+                                                if evals else ""))
     print(f"pirl train: outputs in {result['output_dir']}")
     return 0
 
@@ -456,7 +459,12 @@ def user_error_line(command: str, err: BaseException) -> str | None:
             text = f"unknown {group} option {option!r}; choose one of {options} (configs/{group}/)"
         elif bad_key and command in _HYDRA_CONFIGS:
             key = bad_key.group(1)
-            text = f"unknown config key {key!r}{_closest(key, _valid_keys(command))} (`pirl {command} --help` lists the keys)"
+            if key in _valid_keys(command):  # a key of the default option of its group, not of the chosen one
+                text = (f"{key!r} is not set by the {key.split('.')[0]} option chosen here (its default option has"
+                        f" it); add it with +{key}=... or drop it")
+            else:
+                text = (f"unknown config key {key!r}{_closest(key, _valid_keys(command))} "
+                        f"(`pirl {command} --help` lists the keys)")
         else:
             text = f"bad command-line override: {' '.join(str(err).split())}"
     elif isinstance(err, OSError) and err.errno == errno.EADDRINUSE:

@@ -71,6 +71,9 @@ def test_misspelt_override_key_names_the_closest(capsys):
     assert "'episdoes'" in line and "did you mean episodes" in line
     line = _one_line_error(capsys, ["train", "+run.iteratoins=3"])
     assert "'run.iteratoins'" in line and "run.iterations" in line
+    # A real key that the chosen option's file does not set: say how to add it, not "did you mean" itself.
+    line = _one_line_error(capsys, ["train", "sampler=flow_noise", "sampler.explore_std=[0.01]"])
+    assert "+sampler.explore_std=" in line and "did you mean" not in line
 
 
 def test_unknown_group_option_lists_the_options(capsys):

@@ -164,13 +164,20 @@ def test_progress_bars_on_request_and_hidden_otherwise(tmp_path, monkeypatch, ca
     cfg = compose_train(["experiment=toy_sanity", "run.iterations=2", "run.eval_every=2", "run.eval_episodes=8",
                          "cluster.envs_per_worker=8", f"run.output_dir={tmp_path / 'a'}"])
     monkeypatch.setenv("PIRL_PROGRESS", "1")
-    train(cfg)
+    evaluated = train(cfg)["history"]
     err = capsys.readouterr().err
     assert "rl: 100%" in err and "2/2" in err and "success" in err  # the iteration bar and its postfix
     assert "eval:" in err  # the evaluation bar (episodes)
     monkeypatch.setenv("PIRL_PROGRESS", "0")
-    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "b"))))
+    plain = train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "b"),
+                                                                   eval_every=0)))["history"]
     assert "rl:" not in capsys.readouterr().err
+    # The start is evaluated before iteration 0 (same seeds as the later evaluations), and evaluating
+    # changes nothing in training: the iterations equal those of a run that never evaluates.
+    assert evaluated[0]["start_eval_episodes"] == 8 and "start_eval_success_rate" not in plain[0]
+    assert "eval_success_rate" in evaluated[1] and "start_eval_success_rate" not in evaluated[1]
+    for key in ("return", "success_once", "policy_loss", "value_loss", "approx_kl"):
+        assert [h[key] for h in evaluated] == [h[key] for h in plain], key
 
 
 def test_evaluation_plays_exactly_the_first_episode_of_each_fixed_seed(tmp_path):

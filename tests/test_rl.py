@@ -75,13 +75,21 @@ def test_local_training_then_resume_repeats_the_uninterrupted_run(init_checkpoin
 
     half = train(_config(init_checkpoint, tmp_path / "half", run={"iterations": 1}))["history"]
     assert {k: half[0][k] for k in DETERMINISTIC} == {k: full[0][k] for k in DETERMINISTIC}
-    resumed = train(_config(init_checkpoint, tmp_path / "resumed",
+    # Resume in the same directory, as after a kill that came after the last checkpoint: the file
+    # holds a record of the iteration that will be repeated, and a torn line.
+    with open(tmp_path / "half" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 1, "env_steps": 999}) + "\n" + '{"iteration": 1, "env_st')
+    resumed = train(_config(init_checkpoint, tmp_path / "half",
                             run={"resume": str(tmp_path / "half" / "checkpoints" / "iter_000000")}))["history"]
     assert [h["iteration"] for h in resumed] == [0, 1]  # history carried over from the checkpoint
+    logged = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    full_logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [0, 1]  # the stale and torn records are gone
+    assert [r["env_steps_total"] for r in logged] == [r["env_steps_total"] for r in full_logged]
     for key in DETERMINISTIC:
         assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
     a = _weights(tmp_path / "full" / "checkpoints" / "iter_000001")
-    b = _weights(tmp_path / "resumed" / "checkpoints" / "iter_000001")
+    b = _weights(tmp_path / "half" / "checkpoints" / "iter_000001")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     start = _weights(init_checkpoint)
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training did move the weights

@@ -14,7 +14,7 @@ log = logging.getLogger("pirl")
 # The columns of the console line, in order (others go to the JSONL file and wandb only).
 CONSOLE = [
     ("iteration", "it", "{:d}"), ("env_steps_total", "steps", "{:d}"), ("success_once", "succ", "{:.2f}"),
-    ("eval_success_rate", "eval", "{:.2f}"), ("return", "ret", "{:.2f}"), ("approx_kl", "kl", "{:.4f}"),
+    ("start_eval_success_rate", "eval of the start", "{:.2f}"), ("eval_success_rate", "eval", "{:.2f}"), ("return", "ret", "{:.2f}"), ("approx_kl", "kl", "{:.4f}"),
     ("clip_frac", "clip", "{:.2f}"), ("entropy", "ent", "{:.2f}"), ("explained_variance", "ev", "{:.2f}"),
     ("explore_std_raw", "explore", "{:.4f}"),
     ("env_steps_per_s", "sps", "{:.0f}"), ("time_rollout_s", "roll_s", "{:.1f}"), ("time_learn_s", "learn_s", "{:.1f}"),
@@ -41,10 +41,23 @@ def logging_redirect_tqdm():
 
 
 class MetricLogger:
-    def __init__(self, out_dir: Path, use_wandb: bool = False, project: str = "pirl", config: dict | None = None):
+    """One JSON line per record in `out_dir/metrics.jsonl`; a running `env_steps_total` is added.
+
+    resume_at: the iteration a run goes on from (RL; 0 for a fresh run). The file is cut to the
+    records before it (a run killed after its last checkpoint logged iterations it will repeat).
+    None (the default) appends to the file as it is. env_steps_total: the count to go on from (a
+    resumed run's, from its checkpoint's history)."""
+
+    def __init__(self, out_dir: Path, use_wandb: bool = False, project: str = "pirl", config: dict | None = None,
+                 resume_at: int | None = None, env_steps_total: int = 0):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.env_steps_total = env_steps_total
+        if resume_at is not None:
+            kept = [r for r in _read_records(self.path) if int(r.get("iteration", -1)) < resume_at]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         self.file = open(self.path, "a")
-        self.env_steps_total = 0
         self.wandb = None
         if use_wandb:
             import wandb
@@ -71,3 +84,16 @@ class MetricLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The complete JSON lines of a metrics file (a torn last line of a killed run is dropped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -8,7 +8,8 @@ The loop, top to bottom (DESIGN.md "One RL iteration"):
            with the stochastic sampler (Flow-SDE or Flow-Noise) -> TrajectoryBatch
         3. advantages: chunk-level GAE (PPO) or group-relative success (GRPO)
         4. PPO epochs over minibatches on the learner group (DeepSpeed ZeRO, or one process)
-        5. log; evaluate (ODE sampling, fixed seeds) and checkpoint on schedule
+        5. log; evaluate (ODE sampling, fixed seeds) and checkpoint on schedule; a fresh run also
+           evaluates its start before iteration 0 (`start_eval_*` in iteration 0's record)
 
 `train` runs the iterations; `rl_iteration` is one of them, the five steps in order. Roles are placed
 by `cluster`, once (`start_roles`): `use_ray=false` runs everything in this process (`LocalPool`,
@@ -82,7 +83,9 @@ class RunConfig:
     camera_map: dict = dataclasses.field(default_factory=dict)
     """Model camera name -> env camera name; unmapped model cameras are fed as missing."""
     eval_every: int = 5
+    """ODE evaluation every this many iterations, and of the start before iteration 0 (0: never)."""
     eval_episodes: int = 16
+    """Evaluation episodes: the first episode of each seed eval_seed, eval_seed + 1, ..."""
     eval_seed: int = 10_000
     checkpoint_every: int = 5
     output_dir: str = "runs/rl"
@@ -472,7 +475,8 @@ def train(cfg: RLConfig) -> dict:
         log.info("resuming from %s at iteration %d", run.resume, start_iteration)
     host_agent = build_agent(run.init_checkpoint, cfg.sampler, cfg.optim.trainable, run.resume)  # the driver's copy
     processor = processor_for(run.init_checkpoint, run.camera_map)
-    logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg))
+    logger = MetricLogger(out, use_wandb=run.wandb, project=run.wandb_project, config=dataclasses.asdict(cfg),
+                          resume_at=start_iteration, env_steps_total=sum(int(h["env_steps"]) for h in history))
     roles = Roles(cfg, host_agent, run.resume)
     with contextlib.ExitStack() as stack:  # on the way out: the bar, then the logger, then the roles
         stack.callback(roles.shutdown)
@@ -492,11 +496,17 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
                  bar, iteration: int) -> None:
     """One iteration, the five steps of the module doc; its record goes to `history` and the log."""
     run = cfg.run
-    bar.set_postfix_str(f"iteration {iteration}: rollout")
     t0 = time.perf_counter()
     # 1. weight sync
     version = roles.pool.sync(roles.learners.snapshot_ref())
     t1 = time.perf_counter()
+    start_eval = {}
+    if iteration == 0 and run.eval_every > 0:  # the start on the same seeds: a run's rise is read off one file
+        bar.set_postfix_str("iteration 0: evaluate the start")
+        result = eval_metrics(roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes))
+        start_eval = {f"start_{k}": v for k, v in result.items()}
+        t1 = time.perf_counter()
+    bar.set_postfix_str(f"iteration {iteration}: rollout")
     # 2. rollouts
     batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration))
     if batch.weight_version != version:  # a worker rolled out with other weights
@@ -514,7 +524,7 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     # 5. log, evaluate, checkpoint
     record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1,
               "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9), **metrics,
-              **exploration_metrics(batch, processor), **roles.placement_metrics(version)}
+              **exploration_metrics(batch, processor), **roles.placement_metrics(version), **start_eval}
     if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
         bar.set_postfix_str(f"iteration {iteration}: evaluate")
         roles.pool.sync(roles.learners.snapshot_ref())

@@ -105,6 +105,7 @@ def test_metadata_and_health(server):
     assert meta["model"]["variant"] == "pi0" and meta["inputs"]["state"] == {"key": "state", "dtype": "float32",
                                                                              "shape": [STATE_DIM]}
     assert meta["inputs"]["cameras"] == {} and meta["guidance"] is None
+    assert server.server._prepare_inline  # no images: validated on the event loop, no thread hop
     assert meta["rollout"] == {**read_rollout(CKPT), "num_steps": 4}  # remote eval's defaults (the served K)
     documented = (REPO / "docs" / "serve.md").read_text().split("### Metadata")[1].split("###")[0]
     assert [k for k in meta if f"`{k}`" not in documented] == []
@@ -139,6 +140,7 @@ def test_images_processed_per_request_equal_batched_local(local):
     batched, equal the local processor + policy on a batch."""
     cfg = ServeConfig(checkpoint=CKPT, num_steps=4, camera_map={"base_0_rgb": "images/base_camera"})
     served = ServedPolicy.from_config(cfg)
+    assert not served.prepare_is_cheap  # image resizing stays on the server's prep pool, off the event loop
     rng = np.random.default_rng(3)
     imgs = rng.integers(0, 256, size=(3, 48, 64, 3), dtype=np.uint8)
     s = states(3, seed=4)

@@ -1,9 +1,11 @@
 """The websocket policy server: openpi's protocol (`pirl.serve.protocol`) with dynamic batching.
 
     connection handler (one per client, asyncio)     batcher (one task)               model thread (one)
-    recv -> decode -> validate + process (prep pool)  collect <= max_batch requests,   ServedPolicy.infer:
+    recv -> decode -> validate + process (prep pool*) collect <= max_batch requests,   ServedPolicy.infer:
          -> queue (bounded: full = "busy")            wait <= max_wait_ms for more     one forward pass
          <- await own result -> send                  while clients are still idle     for the batch
+    * on the event loop itself when requests carry no images (`prepare_is_cheap`): the thread round trip
+      costs more than the ~50 us of work.
 
 - A bad frame gets a text error frame for that client only; the connection stays open (the client may fix
   and resend); other clients are never affected. A frame over max_message_mb closes that connection with
@@ -76,6 +78,9 @@ class PolicyServer:
         self._draining = False
         self._model_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pirl-serve-model")
         self._prep_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pirl-serve-prep")
+        # Requests without images are validated on the event loop: the thread round trip costs more than the
+        # work, and with 16 clients the 16 round trips sit in the gap between two batches.
+        self._prepare_inline = bool(getattr(policy, "prepare_is_cheap", False))
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -144,7 +149,10 @@ class PolicyServer:
             return self._error("bad_request", "expected a binary msgpack frame, got a text frame"), False
         try:
             request = unpackb(message)
-            prepared = await loop.run_in_executor(self._prep_pool, self.policy.prepare, request)
+            if self._prepare_inline:
+                prepared = self.policy.prepare(request)
+            else:
+                prepared = await loop.run_in_executor(self._prep_pool, self.policy.prepare, request)
         except (DecodeError, RequestError) as err:
             return self._error("bad_request", str(err)), False
         except Exception as err:  # a bug in validation must not take the server down

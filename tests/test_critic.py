@@ -307,6 +307,86 @@ def test_cli_errors_are_one_line(tmp_path):
         main(["collect", "episodes=1"])
 
 
+# -- data parallel: two CPU processes over gloo ---------------------------------------------------------
+_DDP_SCRIPT = '''
+import hashlib, json, sys
+import accelerate
+from accelerate.utils import gather_object
+import pirl.critic.train as train
+
+seen = {}
+class Recording(accelerate.Accelerator):
+    def prepare(self, *args):
+        seen["loss_fn"], seen["accelerator"] = super().prepare(*args), self
+        return seen["loss_fn"]
+accelerate.Accelerator = Recording
+build = train.build_critic_data
+def recording_build(*args, **kw):
+    seen["data"] = build(*args, **kw)
+    return seen["data"]
+train.build_critic_data = recording_build
+train.train_critic(train.CriticTrainConfig(**json.loads(sys.argv[1])))
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+acc, data = seen["accelerator"], seen["data"]
+critic = acc.unwrap_model(seen["loss_fn"]).critic
+ranks = gather_object([{"features": digest([data.features, data.state]),
+                        "weights": digest(critic.state_dict().values())}])
+if acc.is_main_process:
+    print("RANKS", json.dumps({"wrapper": type(seen["loss_fn"]).__name__, "ranks": ranks}))
+'''
+
+
+def _digest(tensors):
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_two_process_critic_shares_the_features_and_keeps_the_ranks_identical(bundle, rl_dataset, tmp_path):
+    # torchrun / accelerate launch, gloo on CPU. 4 feature batches (16, 16, 10 frames; 2 final states):
+    # rank 0 computes the first two, rank 1 the others; every rank must then hold the single-process
+    # table, in order. Each rank draws its own minibatches, so the two critics stay equal only if the
+    # gradients are all-reduced through the DDP wrapper.
+    import os
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "ddp_critic.py", tmp_path / "critic"
+    script.write_text(_DDP_SCRIPT)
+    cfg = {"checkpoint": str(SHIPPED), "data": [rl_dataset], "out": str(out), "steps": 20, "batch_size": 32,
+           "hidden": [32, 32], "log_every": 10, "save_every": 10, "reward": "env", "val_fraction": 0.25,
+           "feature_source": "expert", "feature_batch": 16}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIRL_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RANKS")).split(" ", 1)[1])
+    ranks = result["ranks"]
+
+    policy, processor = bundle
+    single = build_critic_data(policy, processor, [rl_dataset], horizon=5, reward="env", feature_source="expert",
+                               batch_size=16)
+    assert [r["features"] for r in ranks] == [_digest([single.features, single.state])] * 2
+    cached = torch.load(out / "features.pt", weights_only=True)  # written once, by the main process
+    assert torch.equal(cached["features"], single.features) and torch.equal(cached["state"], single.state)
+
+    assert result["wrapper"] == "DistributedDataParallel"
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    state = torch.load(out / "checkpoints" / "step_0000010" / "train_state.pt", weights_only=False)
+    assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])  # different minibatches
+    critic = load_critic(out, policy, policy_checkpoint=SHIPPED)
+    assert _digest(critic.state_dict().values()) == ranks[0]["weights"]
+    assert json.loads((out / "critic.json").read_text())["metadata"]["processes"] == 2
+
+
 # -- the real simulator ---------------------------------------------------------------------------------
 @pytest.mark.sim
 def test_collect_on_pickcube_writes_a_dataset_the_critic_trains_on(tmp_path, capsys):

@@ -16,7 +16,9 @@ bootstrap); one that ends exactly at a time-limit truncation bootstraps from the
 observation (RL data with state observations), or is dropped when that observation is not stored.
 
 The policy is frozen, so its features of every observation are computed once here, then training
-only runs small MLPs: CPU training of the critic is cheap even when the policy is not.
+only runs small MLPs: CPU training of the critic is cheap even when the policy is not. In a
+data-parallel run (`accelerator` given, several processes) each rank computes the features of a
+contiguous block of the observation batches and every rank then holds all of them (`_shard_features`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from pirl.critic.q import policy_features
+from pirl.critic.q import feature_dim, policy_features
 from pirl.train.logger import progress_bar
 from vla.policy import FlowPolicy
 from vla.processor import Processor
@@ -149,6 +152,9 @@ class CriticData:
     def __len__(self) -> int:
         return len(self.obs)
 
+    def to(self, device: str | torch.device) -> "CriticData":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
     def subset(self, mask: Tensor) -> "CriticData":
         return dataclasses.replace(self, obs=self.obs[mask], next_obs=self.next_obs[mask], actions=self.actions[mask],
                                    rewards=self.rewards[mask], terminated=self.terminated[mask],
@@ -196,11 +202,14 @@ def dataset_fingerprint(roots: Sequence[str]) -> str:
 def build_critic_data(policy: FlowPolicy, processor: Processor, roots: Sequence[str], horizon: int, *,
                       reward: str = "success", starts: str = "all", cameras: dict | None = None,
                       feature_source: str = "expert", batch_size: int = 256, cache: Path | None = None,
-                      policy_ident: str = "") -> CriticData:
+                      policy_ident: str = "", accelerator=None) -> CriticData:
     """Reads every dataset, cuts its windows and computes the frozen policy features of every
     observation once (cached in `cache`, a .pt file, when given; reused only for the same datasets,
     feature source, cameras and `policy_ident`). One clear error for a missing
-    dataset or one whose state / action sizes do not match the policy's norm stats."""
+    dataset or one whose state / action sizes do not match the policy's norm stats.
+
+    accelerator: an `accelerate.Accelerator` of a data-parallel run (every rank calls this): the ranks
+    share the feature passes and all return the same data; only the main process writes `cache`."""
     cameras = dict(cameras or {})
     readers = _open_readers(roots, processor, cameras)
     windows = _Windows(frames=sum(len(r) for r in readers))
@@ -213,11 +222,23 @@ def build_critic_data(policy: FlowPolicy, processor: Processor, roots: Sequence[
                       "cameras": cameras,
                       "frames": windows.frames, "finals": windows.final_keys})
     cached = _load_cached_features(cache, key)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        # A rank that computes must not wait alone in the gather: the cache counts only if every rank read it.
+        if not all(gather_object([cached is not None])):
+            cached = None
     if cached is not None:
         return windows.assemble(*cached)
-    features, state = _compute_features(policy, processor, _observation_batches(readers, windows, cameras, batch_size),
-                                        windows.frames + len(windows.finals), feature_source)
-    if cache is not None:
+    plan = _batch_plan(readers, windows, batch_size)
+    if accelerator is None or accelerator.num_processes == 1:
+        batches = (_load_batch(readers, windows, cameras, part) for part in plan)
+        features, state = _compute_features(policy, processor, batches, windows.frames + len(windows.finals),
+                                            feature_source)
+    else:
+        features, state = _shard_features(policy, processor, readers, windows, cameras, plan, feature_source,
+                                          accelerator)
+    if cache is not None and (accelerator is None or accelerator.is_main_process):
         _save_cached_features(cache, key, features, state)
     return windows.assemble(features, state)
 
@@ -307,22 +328,58 @@ class _Windows:
         )
 
 
-def _observation_batches(readers: list, windows: _Windows, cameras: dict[str, str], batch_size: int):
-    """The observation table in batches: every dataset's frames, then the stored final states."""
-    for reader in readers:
-        for lo in range(0, len(reader), batch_size):
-            yield _observations(reader, np.arange(lo, min(lo + batch_size, len(reader))), cameras)
-    finals, keys = windows.finals, windows.final_keys
-    for lo in range(0, len(finals), batch_size):
-        part = finals[lo:lo + batch_size]
-        prompts = [readers[k].prompt(readers[k].episodes[e]["from"]) for k, e in keys[lo:lo + batch_size]]
-        yield {"images": {}, "state": np.stack(part), "prompt": prompts}
+def _batch_plan(readers: list, windows: _Windows, batch_size: int) -> list[tuple[int, int, int]]:
+    """The observation table in batches, in table order: (dataset k, lo, hi) rows of its frames, then
+    (-1, lo, hi) of the stored final states. A plan, not the observations: ranks read only their own."""
+    plan = [(k, lo, min(lo + batch_size, len(reader))) for k, reader in enumerate(readers)
+            for lo in range(0, len(reader), batch_size)]
+    finals = len(windows.finals)
+    return plan + [(-1, lo, min(lo + batch_size, finals)) for lo in range(0, finals, batch_size)]
 
 
-def _compute_features(policy: FlowPolicy, processor: Processor, batches, total: int, feature_source: str
-                      ) -> tuple[Tensor, Tensor]:
-    """observation_features over every batch, with a progress bar over the `total` observations."""
-    bar = progress_bar(total, "critic features", unit="obs", leave=False)
+def _load_batch(readers: list, windows: _Windows, cameras: dict[str, str], part: tuple[int, int, int]) -> dict:
+    """The observations of one `_batch_plan` entry."""
+    k, lo, hi = part
+    if k >= 0:
+        return _observations(readers[k], np.arange(lo, hi), cameras)
+    prompts = [readers[d].prompt(readers[d].episodes[e]["from"]) for d, e in windows.final_keys[lo:hi]]
+    return {"images": {}, "state": np.stack(windows.finals[lo:hi]), "prompt": prompts}
+
+
+def _shard_features(policy: FlowPolicy, processor: Processor, readers: list, windows: _Windows, cameras: dict,
+                    plan: list[tuple[int, int, int]], feature_source: str, accelerator) -> tuple[Tensor, Tensor]:
+    """(features, state) of the whole table on every rank. Rank r computes the r-th contiguous block of
+    the plan's batches (the same batches one process would run, so the same numbers), then all gather."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    blocks = [plan[r * len(plan) // world:(r + 1) * len(plan) // world] for r in range(world)]
+    rows = [sum(hi - lo for _, lo, hi in block) for block in blocks]
+    mine = (_load_batch(readers, windows, cameras, part) for part in blocks[rank])
+    if rows[rank]:
+        features, state = _compute_features(policy, processor, mine, rows[rank], feature_source,
+                                            show=accelerator.is_main_process)
+    else:  # more ranks than batches
+        features = torch.zeros(0, feature_dim(policy, feature_source))
+        state = torch.zeros(0, processor.norm_stats["state"].dim)
+    # One gather of [features | state] in float32: the dtype every rank agrees on, whatever its shard's.
+    table = _gather_rows(accelerator, torch.cat([features.float(), state.float()], -1), rows)
+    return table[:, :features.shape[1]], table[:, features.shape[1]:]
+
+
+def _gather_rows(accelerator, shard: Tensor, rows: list[int]) -> Tensor:
+    """Every rank's `shard` ([rows[r], C] on rank r) concatenated in rank order, on every rank.
+    all_gather needs one shape on every rank: shards are padded to the longest, the padding cut after."""
+    longest = max(rows)
+    padded = torch.zeros(longest, shard.shape[1], dtype=shard.dtype)
+    padded[:len(shard)] = shard
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()
+    return torch.cat([gathered[r * longest:r * longest + n] for r, n in enumerate(rows)])
+
+
+def _compute_features(policy: FlowPolicy, processor: Processor, batches, total: int, feature_source: str,
+                      show: bool = True) -> tuple[Tensor, Tensor]:
+    """observation_features over every batch, with a progress bar over the `total` observations
+    (`show`: on the main process only)."""
+    bar = progress_bar(total, "critic features", unit="obs", leave=False) if show else tqdm(disable=True)
     feats, states = [], []
     for obs in batches:
         f, s = observation_features(policy, processor, [obs], feature_source)
@@ -345,7 +402,7 @@ def _load_cached_features(cache: Path | None, key: str) -> tuple[Tensor, Tensor]
 
 
 def _save_cached_features(cache: Path, key: str, features: Tensor, state: Tensor) -> None:
+    from vla.checkpoint import atomic_file
+
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp")
-    torch.save({"key": key, "features": features, "state": state}, tmp)
-    tmp.replace(cache)
+    atomic_file(cache, lambda tmp: torch.save({"key": key, "features": features, "state": state}, tmp))

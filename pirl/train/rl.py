@@ -505,8 +505,9 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
         bar.set_postfix_str("iteration 0: evaluate the start")
         result = eval_metrics(roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes))
         start_eval = {f"start_{k}": v for k, v in result.items()}
-        t1 = time.perf_counter()
+        start_eval["time_start_eval_s"] = time.perf_counter() - t1
     bar.set_postfix_str(f"iteration {iteration}: rollout")
+    rollout_started = time.perf_counter()
     # 2. rollouts
     batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration))
     if batch.weight_version != version:  # a worker rolled out with other weights
@@ -522,8 +523,8 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
                          use_value=ALGORITHMS[run.algorithm].use_value)
     t3 = time.perf_counter()
     # 5. log, evaluate, checkpoint
-    record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - t1,
-              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(t2 - t1, 1e-9), **metrics,
+    record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - rollout_started,
+              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(t2 - rollout_started, 1e-9), **metrics,
               **exploration_metrics(batch, processor), **roles.placement_metrics(version), **start_eval}
     if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
         bar.set_postfix_str(f"iteration {iteration}: evaluate")

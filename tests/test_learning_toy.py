@@ -176,6 +176,13 @@ def test_progress_bars_on_request_and_hidden_otherwise(tmp_path, monkeypatch, ca
     # changes nothing in training: the iterations equal those of a run that never evaluates.
     assert evaluated[0]["start_eval_episodes"] == 8 and "start_eval_success_rate" not in plain[0]
     assert "eval_success_rate" in evaluated[1] and "start_eval_success_rate" not in evaluated[1]
+    # Every evaluation's episodes are kept for paired comparisons (the layout of pirl eval's results.json).
+    kept = (("start", evaluated[0]["start_eval_successes"]), ("iter_000001", evaluated[1]["eval_successes"]))
+    for name, successes in kept:
+        rows = json.loads((tmp_path / "a" / "evals" / f"{name}.json").read_text())["per_episode"]
+        assert [r["seed"] for r in rows] == list(range(cfg.run.eval_seed, cfg.run.eval_seed + 8))
+        assert sum(r["success"] for r in rows) == successes
+    assert not (tmp_path / "b" / "evals").exists()
     for key in ("return", "success_once", "policy_loss", "value_loss", "approx_kl"):
         assert [h[key] for h in evaluated] == [h[key] for h in plain], key
 

@@ -503,8 +503,9 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     start_eval = {}
     if iteration == 0 and run.eval_every > 0:  # the start on the same seeds: a run's rise is read off one file
         bar.set_postfix_str("iteration 0: evaluate the start")
-        result = eval_metrics(roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes))
-        start_eval = {f"start_{k}": v for k, v in result.items()}
+        result = roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
+        save_episodes(Path(run.output_dir) / "evals" / "start.json", result)
+        start_eval = {f"start_{k}": v for k, v in eval_metrics(result).items()}
         start_eval["time_start_eval_s"] = time.perf_counter() - t1
     bar.set_postfix_str(f"iteration {iteration}: rollout")
     rollout_started = time.perf_counter()
@@ -529,7 +530,9 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
         bar.set_postfix_str(f"iteration {iteration}: evaluate")
         roles.pool.sync(roles.learners.snapshot_ref())
-        record.update(eval_metrics(roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)))
+        result = roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
+        save_episodes(Path(run.output_dir) / "evals" / f"iter_{iteration:06d}.json", result)
+        record.update(eval_metrics(result))
     history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
     logger.log(record)
     if _on_schedule(iteration, run.checkpoint_every, run.iterations):
@@ -605,6 +608,15 @@ def exploration_metrics(batch: TrajectoryBatch, processor: Processor) -> dict:
     """How far exploration moves the robot per step, in the env's units."""
     explore = exploration_std_raw(batch.chain, batch.mask_dims, processor.action_scale())
     return {"explore_std_raw": float(np.mean(explore)), "explore_std_raw_per_dim": [round(x, 6) for x in explore]}
+
+
+def save_episodes(path: Path, result: dict) -> None:
+    """An evaluation's per-episode rows (seed, success, return, length), atomically, in the layout of
+    `pirl eval`'s results.json: `bench/paired.py` compares two of them on the same seeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, default=float))
+    os.replace(tmp, path)
 
 
 def eval_metrics(result: dict) -> dict:

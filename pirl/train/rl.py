@@ -503,9 +503,7 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     start_eval = {}
     if iteration == 0 and run.eval_every > 0:  # the start on the same seeds: a run's rise is read off one file
         bar.set_postfix_str("iteration 0: evaluate the start")
-        result = roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
-        save_episodes(Path(run.output_dir) / "evals" / "start.json", result)
-        start_eval = {f"start_{k}": v for k, v in eval_metrics(result).items()}
+        start_eval = {f"start_{k}": v for k, v in _evaluate(cfg, roles, "start").items()}
         start_eval["time_start_eval_s"] = time.perf_counter() - t1
     bar.set_postfix_str(f"iteration {iteration}: rollout")
     rollout_started = time.perf_counter()
@@ -524,21 +522,27 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
                          use_value=ALGORITHMS[run.algorithm].use_value)
     t3 = time.perf_counter()
     # 5. log, evaluate, checkpoint
-    record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": t2 - rollout_started,
-              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(t2 - rollout_started, 1e-9), **metrics,
+    rollout_s = t2 - rollout_started
+    record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": rollout_s,
+              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(rollout_s, 1e-9), **metrics,
               **exploration_metrics(batch, processor), **roles.placement_metrics(version), **start_eval}
     if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
         bar.set_postfix_str(f"iteration {iteration}: evaluate")
         roles.pool.sync(roles.learners.snapshot_ref())
-        result = roles.pool.call(0, evaluate_on_worker, cfg, run.eval_episodes)
-        save_episodes(Path(run.output_dir) / "evals" / f"iter_{iteration:06d}.json", result)
-        record.update(eval_metrics(result))
+        record.update(_evaluate(cfg, roles, f"iter_{iteration:06d}"))
     history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
     logger.log(record)
     if _on_schedule(iteration, run.checkpoint_every, run.iterations):
         roles.save_checkpoint(processor, iteration, history)
     bar.set_postfix_str(f"success {record['success_once']:.2f}"
                         + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
+
+
+def _evaluate(cfg: RLConfig, roles: Roles, name: str) -> dict:
+    """ODE evaluation of the synced weights on worker 0; its episodes go to OUT/evals/<name>.json."""
+    result = roles.pool.call(0, evaluate_on_worker, cfg, cfg.run.eval_episodes)
+    save_episodes(Path(cfg.run.output_dir) / "evals" / f"{name}.json", result)
+    return eval_metrics(result)
 
 
 def _on_schedule(iteration: int, every: int, iterations: int) -> bool:

@@ -365,8 +365,19 @@ def cmd_critic(argv: list[str]) -> int:
         out = train_critic(load_section(CriticTrainConfig, data))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"pirl {err}" if str(err).startswith("critic:") else f"pirl critic: {err}") from None
+    finally:
+        _leave_process_group()
     print(out)
     return 0
+
+
+def _leave_process_group() -> None:
+    """A torchrun / accelerate rank that exits with gloo's threads still alive can abort at interpreter
+    shutdown ("terminate called without an active exception"): leave the group before exiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_serve(argv: list[str]) -> int:

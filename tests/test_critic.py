@@ -337,7 +337,8 @@ critic = acc.unwrap_model(seen["loss_fn"]).critic
 ranks = gather_object([{"features": digest([data.features, data.state]),
                         "weights": digest(critic.state_dict().values())}])
 if acc.is_main_process:
-    print("RANKS", json.dumps({"wrapper": type(seen["loss_fn"]).__name__, "ranks": ranks}))
+    print("RANKS", json.dumps({"wrapper": type(seen["loss_fn"]).__name__, "ranks": ranks}), flush=True)
+acc.end_training()  # leave the gloo group: a rank exiting inside it can abort at interpreter shutdown
 '''
 
 

@@ -8,12 +8,15 @@ action dims; padded dims are cut) env by env, step by step. An env whose episode
 chunk executes nothing more; after the chunk it is reset (auto-reset) with the next seed of its
 deterministic seed sequence, and the returned observation of that env is the first observation of
 its new episode (the last one of the finished episode is in info["final_obs"]).
+`begin_chunk` / `finish_chunk` do the same for a subset of envs in two halves, so that a process
+pool steps one group of envs while the caller computes the next chunk of another (`step_groups`).
 
 Units: actions are in the simulator's own units; a policy's processor (`vla.normalize`) un-normalises
 its chunks before they reach an env (envs never normalise).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -48,7 +51,11 @@ class EnvSpec:
 
 
 class Backend(Protocol):
-    """A set of envs that can be reset and stepped by index (a process pool, or one GPU sim)."""
+    """A set of envs that can be reset and stepped by index (a process pool, or one GPU sim).
+
+    A backend that steps envs in the background also has `groups` (env indices per process) and
+    begin_step_envs_chunk / finish_step_envs_chunk (`PoolBackend`); VLAEnv then steps whole
+    sub-chunks in the processes and can keep several groups' chunks in flight."""
 
     num_envs: int
 
@@ -93,6 +100,15 @@ class _ChunkOutcome:
         return cls(reward=np.zeros(num, dtype=np.float64), terminated=np.zeros(num, dtype=bool),
                    truncated=np.zeros(num, dtype=bool), crashed=np.zeros(num, dtype=bool),
                    exec_mask=np.zeros((num, n_exec), dtype=bool), active=np.ones(num, dtype=bool))
+
+
+@dataclass
+class PendingChunk:
+    """A chunk begun by `VLAEnv.begin_chunk` and not finished yet."""
+
+    indices: np.ndarray  # env indices, in the order of the chunk's rows
+    chunk: _ChunkOutcome  # all envs' slots; only `indices` take part
+    call: Any = None  # the backend's pending step (None: executed in begin_chunk)
 
 
 class VLAEnv:
@@ -179,13 +195,16 @@ class VLAEnv:
                 self._lost[i] = True
         return [i for i in crashed if i in wanted]
 
-    def validate_actions(self, actions: Any, n_exec: int | None) -> tuple[np.ndarray, int]:
+    def validate_actions(self, actions: Any, n_exec: int | None, num_rows: int | None = None
+                         ) -> tuple[np.ndarray, int]:
+        """actions [num_rows (default num_envs), H, D_pad] -> the executed part [num_rows, n_exec, D]."""
         arr = _to_numpy(actions)
         if arr.ndim != 3:
             raise ActionError(f"actions must be [B, H, D_pad], got shape {arr.shape}")
         batch, horizon, dims = arr.shape
-        if batch != self.num_envs:
-            raise ActionError(f"actions batch {batch} != num_envs {self.num_envs}")
+        expected = self.num_envs if num_rows is None else num_rows
+        if batch != expected:
+            raise ActionError(f"actions batch {batch} != {expected} envs")
         if dims < self.spec.action_dim:
             raise ActionError(f"actions have {dims} dims, the env needs {self.spec.action_dim}")
         n_exec = horizon if n_exec is None else int(n_exec)
@@ -206,34 +225,77 @@ class VLAEnv:
         exec_mask [B, n_exec] (which actions were executed), crashed (worker restarted),
         final_obs (last obs before auto-reset; equals obs where not done).
         """
+        return self.finish_chunk(self.begin_chunk(range(self.num_envs), actions, n_exec))
+
+    def step_groups(self) -> list[list[int]]:
+        """Env indices that can step while the others' chunks are prepared: one group per worker
+        process when the backend steps envs in the background (a process pool), else one group.
+        A pipelined rollout keeps one chunk in flight per group (`begin_chunk`)."""
+        if hasattr(self.backend, "begin_step_envs_chunk"):
+            return [list(group) for group in self.backend.groups]
+        return [list(range(self.num_envs))]
+
+    def begin_chunk(self, indices: Sequence[int], actions: Any, n_exec: int | None = None) -> PendingChunk:
+        """`step_chunk` for the envs `indices` alone (actions [len(indices), H, D_pad]), in two halves:
+        this one starts the chunk, and returns while a process pool steps it; `finish_chunk` waits
+        for it, auto-resets, and returns step_chunk's outputs with one row per env of `indices`.
+        Chunks of different `step_groups` may be in flight together; each env keeps its own seed
+        sequence, episode stats and video, so splitting a batch changes nothing an env returns.
+        Backends without background stepping execute the chunk here."""
         if self._obs is None:
             raise RuntimeError("call reset() before step_chunk()")
-        executed, n_exec = self.validate_actions(actions, n_exec)
+        indices = np.asarray(indices, dtype=np.int64)
+        executed, n_exec = self.validate_actions(actions, n_exec, len(indices))
+        if len(indices) != self.num_envs:  # rows by env index, as the step functions read them
+            full = np.zeros((self.num_envs, *executed.shape[1:]), dtype=executed.dtype)
+            full[indices] = executed
+            executed = full
         chunk = _ChunkOutcome.empty(self.num_envs, n_exec)
-        for i in np.flatnonzero(self._lost):
+        chunk.active[:] = False
+        chunk.active[indices] = True
+        for i in indices[self._lost[indices]]:
             self._crash(chunk, int(i), 0, logged=True)  # lost while a neighbour in its process was reset
-        self._lost[:] = False
-        if hasattr(self.backend, "step_envs_chunk"):
-            self._execute_in_workers(chunk, executed)
+        self._lost[indices] = False
+        pending = PendingChunk(indices, chunk)
+        if hasattr(self.backend, "begin_step_envs_chunk"):
+            # Process pools: the whole sub-chunk in one message per process.
+            stepping = np.flatnonzero(chunk.active).tolist()
+            pending.call = self.backend.begin_step_envs_chunk(stepping, executed[stepping])
         else:
             self._execute_step_by_step(chunk, executed, n_exec)
+        return pending
+
+    def finish_chunk(self, pending: PendingChunk):
+        """The second half of `begin_chunk`: step_chunk's outputs for its envs (rows in its order)."""
+        chunk, indices = pending.chunk, pending.indices
+        if pending.call is not None:
+            self._record_from_workers(chunk, indices, *self.backend.finish_step_envs_chunk(pending.call))
         done = chunk.terminated | chunk.truncated
-        final_obs = stack_obs(self._obs, list(self.spec.cameras))
-        info = self._chunk_info(chunk, done, final_obs)
+        final_obs = stack_obs([self._obs[i] for i in indices], list(self.spec.cameras))
+        info = self._chunk_info(chunk, indices, done[indices], final_obs)
         done_indices = np.flatnonzero(done).tolist()
         if done_indices:
             self._auto_reset(done_indices)
-            obs = stack_obs(self._obs, list(self.spec.cameras))
+            obs = stack_obs([self._obs[i] for i in indices], list(self.spec.cameras))
         else:
             obs = final_obs
-        return obs, chunk.reward.astype(np.float32), chunk.terminated, chunk.truncated, info
+        return (obs, chunk.reward[indices].astype(np.float32), chunk.terminated[indices],
+                chunk.truncated[indices], info)
 
-    def _execute_in_workers(self, chunk: _ChunkOutcome, executed: np.ndarray) -> None:
-        """Process pools: the whole sub-chunk in one message per process."""
-        indices = np.flatnonzero(chunk.active).tolist()
-        results, crashed = self.backend.step_envs_chunk(indices, executed[indices])
-        for i in crashed:
-            self._crash(chunk, i, 0)
+    def abandon_chunk(self, pending: PendingChunk) -> None:
+        """Drop a chunk that will not be finished (the rollout stopped on an error): its answers are
+        read, so the next command to those processes gets its own; the env needs reset() again."""
+        if pending.call is not None:
+            with contextlib.suppress(EnvWorkerError):
+                self.backend.finish_step_envs_chunk(pending.call)
+        self._obs = None
+
+    def _record_from_workers(self, chunk: _ChunkOutcome, indices: np.ndarray, results: dict,
+                             crashed: list[int]) -> None:
+        """A process pool's answer: each env's steps; envs of a dead process outside the chunk are
+        marked lost (their next chunk reports them)."""
+        for i in self._note_crashed(crashed, set(indices.tolist())):
+            self._crash(chunk, i, 0, logged=True)
         for i, steps in results.items():
             for k, result in enumerate(steps):
                 self._record(chunk, i, k, result)
@@ -277,16 +339,17 @@ class VLAEnv:
             chunk.terminated[i], chunk.truncated[i] = bool(term), bool(trunc) and not term
             chunk.active[i] = False
 
-    def _chunk_info(self, chunk: _ChunkOutcome, done: np.ndarray, final_obs: dict) -> dict[str, Any]:
-        """step_chunk's info (see its doc), taken before the finished episodes are reset."""
+    def _chunk_info(self, chunk: _ChunkOutcome, indices: np.ndarray, done: np.ndarray, final_obs: dict
+                    ) -> dict[str, Any]:
+        """step_chunk's info (see its doc) for envs `indices`, taken before the finished episodes are reset."""
         return {
-            "success": self._success.copy(),
-            "success_once": self._success_once.copy(),
-            "episode_return": self._ep_return.copy(),
-            "episode_length": self._ep_length.copy(),
+            "success": self._success[indices],
+            "success_once": self._success_once[indices],
+            "episode_return": self._ep_return[indices],
+            "episode_length": self._ep_length[indices],
             "done": done,
-            "exec_mask": chunk.exec_mask,
-            "crashed": chunk.crashed,
+            "exec_mask": chunk.exec_mask[indices],
+            "crashed": chunk.crashed[indices],
             "final_obs": final_obs,
         }
 
@@ -345,17 +408,26 @@ class PoolBackend:
         return first
 
     def reset_envs(self, indices, seeds, hard=False):
-        """Reset envs with seeds; `crashed` may name envs outside `indices` (see step_envs_chunk)."""
+        """Reset envs with seeds; `crashed` may name envs outside `indices` (see finish_step_envs_chunk)."""
         return self.pool.call_many("reset", list(indices), [(int(s), bool(hard)) for s in seeds])
 
     def step_envs(self, indices, actions):
         return self.pool.call_many("step", list(indices), list(actions))
 
-    def step_envs_chunk(self, indices, actions):
+    @property
+    def groups(self) -> list[list[int]]:
+        """Env indices per worker process (VLAEnv.step_groups)."""
+        return self.pool.groups
+
+    def begin_step_envs_chunk(self, indices, actions):
         """actions [len(indices), n, d]: each env runs its n actions inside its worker process,
-        stopping at its episode end; returns ({index: [step results]}, crashed). `crashed` may name
-        envs outside `indices` that shared a process that died."""
-        return self.pool.call_many("step_chunk", list(indices), list(actions))
+        stopping at its episode end. Sends and returns at once; `finish_step_envs_chunk` waits."""
+        return self.pool.send_many("step_chunk", list(indices), list(actions))
+
+    def finish_step_envs_chunk(self, pending):
+        """({index: [step results]}, crashed) of a chunk begun above. `crashed` may name envs
+        outside it that shared a process that died."""
+        return self.pool.receive_many(pending)
 
     def close(self) -> None:
         self.pool.close()

@@ -290,6 +290,9 @@ class ToyConfig(CommonEnvConfig):
     it, dims whose training std is tiny get normalised values of +-100, and a policy cannot learn to
     read a cue among them (a cued run on the shipped policy stayed at 50% for 100 iterations)."""
     prompt: str = "move along the first action axis"
+    envs_per_process: int | None = None
+    """None: every env in this process, as numpy arrays. k: worker processes of k envs each, as
+    ManiSkill's CPU envs run (checks a pipelined rollout or a crashed worker in seconds)."""
 
     def validate(self) -> None:
         super().validate()

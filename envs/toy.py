@@ -1,18 +1,22 @@
 """The toy env of `ToyConfig`: numpy only, no simulator, the same VLAEnv API as ManiSkill and LIBERO.
 
 Used by tests/test_learning_toy.py to check that every RL method raises success on a task a correct
-policy-gradient setup must learn, and by users to smoke-test a new RL config in seconds.
+policy-gradient setup must learn, and by users to smoke-test a new RL config in seconds. With
+`envs_per_process` set, the envs run in worker processes as ManiSkill's CPU envs do, so the process
+pool's paths (a pipelined rollout, a crashed worker) can be tried in seconds too.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .base import EnvSpec, VLAEnv
+from .base import EnvSpec, PoolBackend, VLAEnv
 from .config import ToyConfig
+from .workers import SubprocEnvPool
 
 
 class ToyBackend:
@@ -93,5 +97,29 @@ class ToyBackend:
         """Nothing to release: no processes, no simulator (the Backend protocol requires the method)."""
 
 
+class ToySingleEnv:
+    """One toy env in a worker process (the single-env API of `envs.workers`): a one-env
+    ToyBackend, so env i returns exactly what env i of the in-process backend returns."""
+
+    def __init__(self, cfg: ToyConfig):
+        self.backend = ToyBackend(cfg.replace(num_envs=1, record_video_envs=()))
+
+    def spec(self) -> EnvSpec:
+        return self.backend.env_spec()
+
+    def reset(self, seed: int, hard: bool = False):
+        return self.backend.reset_envs([0], [seed], hard)[0][0]
+
+    def step(self, action: np.ndarray):
+        return self.backend.step_envs([0], np.asarray(action)[None])[0][0]
+
+    def close(self) -> None:
+        """Nothing to release (the worker process ends with the pool)."""
+
+
 def make_toy_env(cfg: ToyConfig) -> VLAEnv:
-    return VLAEnv(ToyBackend(cfg), cfg)
+    if cfg.envs_per_process is None:
+        return VLAEnv(ToyBackend(cfg), cfg)
+    factories = [functools.partial(ToySingleEnv, cfg)] * cfg.num_envs
+    pool = SubprocEnvPool(factories, timeout_s=cfg.worker_timeout_s, envs_per_process=cfg.process_layout())
+    return VLAEnv(PoolBackend(pool), cfg)

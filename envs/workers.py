@@ -12,6 +12,10 @@ cost several times what it costs in a lone process (bench/results/rl_throughput.
 process steps its envs one after the other, each for its whole sub-chunk, and answers the parent
 once per command: one pipe round trip per process and chunk. Envs never share state: each has its
 own scene and seeds, so the grouping does not change what an env returns.
+
+A command's send and receipt can be split (`send_many`, then `receive_many`): the parent may compute
+while the processes work. The RL rollout (`pirl.train.rl_core.collect_rollout`) steps one process's
+envs while the model computes the next chunk of another's.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,17 @@ class EnvWorkerError(RuntimeError):
 
 class WorkerCrashed(RuntimeError):
     """Internal: a worker process died or stopped answering."""
+
+
+@dataclass
+class PendingCall:
+    """A command sent by `SubprocEnvPool.send_many` whose answers are not read yet."""
+
+    cmd: str
+    indices: list[int]  # env indices in the caller's order (the first failing one is raised)
+    items: dict[int, list]  # worker -> [(local env index, payload), ...] as sent
+    sent: list[int] = field(default_factory=list)  # workers that got the message, answer not read
+    dead: list[int] = field(default_factory=list)  # workers found dead, not restarted yet
 
 
 def _worker_main(conn, factories: Sequence[Callable[[], Any]], worker_index: int) -> None:
@@ -171,6 +187,7 @@ class SubprocEnvPool:
         self.restart_counts = [0] * len(self._factories)
         # Seconds each worker spent inside its envs' calls (what the parent waited for, less IPC).
         self.busy_s = [0.0] * len(self.groups)
+        self._awaiting: set[int] = set()  # workers sent a command whose answer is not read yet
         # Workers start in waves of `start_wave` (default: 4 per core). Each start imports torch and
         # the simulator (seconds of CPU); 64 at once on 2 cores kept the first one from answering
         # within timeout_s, although nothing was wrong.
@@ -256,6 +273,7 @@ class SubprocEnvPool:
     def _restart_worker(self, worker: int) -> None:
         log.warning("%s: worker process crashed; restarting it", self._describe(worker))
         self._reap(worker)
+        self._awaiting.discard(worker)  # whatever it owed died with it
         self._launch(worker)
         self._await_ready(worker)
         for index in self.groups[worker]:
@@ -278,25 +296,46 @@ class SubprocEnvPool:
         returning and their envs have no result. A Python exception inside an env is raised as
         EnvWorkerError naming the first failing env (in the order of `indices`).
         """
+        return self.receive_many(self.send_many(cmd, indices, payloads))
+
+    def send_many(self, cmd: str, indices: Sequence[int], payloads: Sequence[Any]) -> PendingCall:
+        """The first half of `call_many`: send the messages and return at once, while the processes
+        work; `receive_many` waits for their answers. Meanwhile the caller may compute, or send to
+        other processes (a pipelined rollout steps one process's envs while the model acts for the
+        others'). A process takes one command at a time: sending to one whose answer is still
+        pending raises, as its answers would otherwise be read by the wrong call."""
         items = self._by_worker(indices, payloads)
-        dead: list[int] = []
-        sent: list[int] = []
+        busy = sorted(set(items) & self._awaiting)
+        if busy:
+            raise RuntimeError(f"worker(s) {busy} still owe the answer to an earlier command")
+        pending = PendingCall(cmd, list(indices), items)
         for worker, worker_items in items.items():
             try:
                 self._send(worker, (cmd, worker_items))
-                sent.append(worker)
+                pending.sent.append(worker)
+                self._awaiting.add(worker)
             except WorkerCrashed:
-                dead.append(worker)
+                pending.dead.append(worker)
+        return pending
+
+    def receive_many(self, pending: PendingCall):
+        """The second half of `call_many` (see there): the answers to `pending`, after which the
+        processes that died are restarted. Every answer is read before an env's error is raised, and
+        read once: receiving `pending` again returns nothing (so a caller that stopped on an error
+        can make sure that nothing is left unread)."""
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
-        for worker in sent:
+        dead, pending.dead = pending.dead, []
+        while pending.sent:
+            worker = pending.sent.pop(0)
+            self._awaiting.discard(worker)
             try:
-                _, replies, busy = self._recv(worker, self._timeout_s * len(items[worker]))
+                _, replies, busy = self._recv(worker, self._timeout_s * len(pending.items[worker]))
             except WorkerCrashed:
                 dead.append(worker)
                 continue
             self.busy_s[worker] += busy
-            for (local, _), (status, payload) in zip(items[worker], replies):
+            for (local, _), (status, payload) in zip(pending.items[worker], replies):
                 index = self.groups[worker][local]
                 if status == "error":
                     errors[index] = payload
@@ -305,7 +344,7 @@ class SubprocEnvPool:
         for worker in dead:
             self._restart_worker(worker)
         if errors:
-            index = next(i for i in indices if i in errors)
+            index = next(i for i in pending.indices if i in errors)
             raise EnvWorkerError(index, errors[index])
         return results, sorted(i for worker in dead for i in self.groups[worker])
 

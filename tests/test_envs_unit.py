@@ -362,6 +362,69 @@ def test_env_pool_hosts_several_envs_per_process_and_restarts_them_together():
         SubprocEnvPool([_counting_env_factory(i) for i in (0, 1, 2, -1)], timeout_s=60, envs_per_process=2)
 
 
+def test_env_pool_sends_now_and_receives_later_one_pending_command_per_process():
+    """send_many / receive_many (what a pipelined rollout uses): commands to different processes
+    are in flight together and received in any order; a process cannot take a second command
+    before its answer is read; each answer is read once; a dead process is found on receipt."""
+    from envs.workers import SubprocEnvPool
+
+    pool = SubprocEnvPool([functools.partial(_ScriptedEnv, i, 100) for i in range(4)], timeout_s=60,
+                          envs_per_process=2)
+    try:
+        first = pool.send_many("reset", [1, 0], [(11, False), (10, False)])
+        second = pool.send_many("reset", [3], [(13, False)])
+        with pytest.raises(RuntimeError, match="still owe"):
+            pool.call_many("reset", [0], [(5, False)])
+        results, crashed = pool.receive_many(second)
+        assert crashed == [] and {i: r[0]["state"][:2].tolist() for i, r in results.items()} == {3: [3, 13]}
+        results, crashed = pool.receive_many(first)
+        assert crashed == [] and sorted(results) == [0, 1] and results[1][0]["state"][:2].tolist() == [1, 11]
+        assert pool.receive_many(first) == ({}, [])
+        pool.kill_worker(2)
+        dead = pool.send_many("step_chunk", [2], [np.zeros((1, 2))])
+        results, crashed = pool.call_many("step_chunk", [0, 1], [np.zeros((3, 2))] * 2)  # meanwhile
+        assert crashed == [] and [len(results[i]) for i in (0, 1)] == [3, 3]
+        assert pool.receive_many(dead) == ({}, [2, 3]) and pool.restart_counts == [0, 0, 1, 1]
+    finally:
+        pool.close()
+
+
+def _joined(outputs: list) -> tuple:
+    """step_chunk outputs of consecutive env groups -> the whole batch's (states, arrays, some info)."""
+    obs, reward, term, trunc, info = zip(*outputs)
+    return ({"state": np.concatenate([o["state"] for o in obs])}, np.concatenate(reward), np.concatenate(term),
+            np.concatenate(trunc), {k: np.concatenate([i[k] for i in info]) for k in info[0] if k != "final_obs"})
+
+
+def test_toy_env_in_worker_processes_steps_as_in_process_also_group_by_group():
+    """The toy in worker processes (envs_per_process) returns what the in-process toy returns, env by
+    env, with auto-resets inside chunks; so does each process's group of envs begun together and
+    finished in any order (VLAEnv.begin_chunk / finish_chunk)."""
+    from envs import make_env
+
+    cfg = {"simulator": "toy", "num_envs": 5, "state_dim": 4, "episode_steps": 7}
+    rng = np.random.default_rng(0)
+    with make_env(cfg) as plain, make_env({**cfg, "envs_per_process": 2}) as pooled:
+        groups = pooled.step_groups()
+        assert plain.step_groups() == [[0, 1, 2, 3, 4]] and groups == [[0, 1], [2, 3], [4]]
+        np.testing.assert_array_equal(plain.reset(3)["state"], pooled.reset(3)["state"])
+        for k in range(4):
+            actions = rng.normal(scale=0.1, size=(5, 6, 7)).astype(np.float32)
+            want = plain.step_chunk(actions, n_exec=5)
+            if k % 2:
+                got = pooled.step_chunk(actions, n_exec=5)
+            else:
+                pending = [pooled.begin_chunk(g, actions[g], n_exec=5) for g in groups]
+                finished = {i: pooled.finish_chunk(pending[i]) for i in reversed(range(len(groups)))}
+                got = _joined([finished[i] for i in range(len(groups))])
+            np.testing.assert_array_equal(want[0]["state"], got[0]["state"])
+            for j in (1, 2, 3):
+                np.testing.assert_array_equal(want[j], got[j])
+            for key in ("episode_length", "exec_mask", "success_once", "done"):
+                np.testing.assert_array_equal(want[4][key], got[4][key])
+        assert plain.episode_seed(4) == pooled.episode_seed(4) == 3 + 4 + 5 * 2
+
+
 def test_neighbour_lost_in_a_crash_during_reset_is_reported_at_the_next_chunk(tmp_path):
     """Env 0 ends its episode and its reset kills the process it shares with env 1 (mid-episode):
     env 0 is reset again in the rebuilt process; env 1's episode is lost, so the next chunk reports

@@ -1,12 +1,14 @@
 """Env throughput of the real RL rollout loop, for several worker-process layouts, in one run.
 
-    python bench/rl_throughput.py [--layouts before 1 4 8 16 auto@32] [--rollouts 3] [--num-envs 16] [--quick]
+    python bench/rl_throughput.py [--layouts before 1 4 8 16 auto@32 pipe@32] [--rollouts 3] [--num-envs 16] [--quick]
 
 A layout is "before" (one process per env with the worker env as it was before `envs_per_process`:
 ManiSkill with autograd bookkeeping, no GC freeze, no kept render context), a value of the env
-config's `envs_per_process` with the current code, or "auto" (the default: one process per core).
-"@N" runs it on N envs instead of --num-envs: `before@16 auto@32` compares the main job as it was
-(16 envs, one process each) with the main job as it is (32 envs on one process per core).
+config's `envs_per_process` with the current code, "auto" (one process per core), or "pipe" (one
+process per core with the pipelined rollout, the default of `collect_rollout`: the model computes one
+group's chunk while the other group's processes step). All but "pipe" run the unpipelined loop.
+"@N" runs it on N envs instead of --num-envs: `before@16 auto@32 pipe@32` compares the main job as
+it was (16 envs, one process each), with 32 envs on one process per core, and as it is (pipelined).
 
 The loop is what `pirl train experiment=maniskill_pickcube_tiny` runs per iteration
 (rollout_on_worker): `env.reset(seed)`, then `pirl.train.rl_core.collect_rollout`, on that job's
@@ -15,11 +17,15 @@ defaults, 16 PickCube state envs (configs/env/maniskill_pickcube_state.yaml, 100
 shaped_diff reward), num_chunks 20, n_exec 5, built as pirl/train/rl.py builds them. All layouts
 are alive at once and their rollouts alternate (round r runs every layout once), so a load change
 on a shared machine hits them alike; ratios to the first layout are what to read. Rollout r uses
-the same env and noise seeds in every layout, so the batches must be identical: the run checks it.
+the same env and noise seeds in every layout, so the batches must be identical between layouts of one
+env count and loop (the pipelined loop draws its noise per env group, so its batches differ from the
+unpipelined loop's); the warm-up rollout has rollout 0's seeds, so each layout's two must be
+identical too. The run checks both.
 
 Per chunk it splits the time into the reset, the processor (observations -> model inputs), the model
-(prefix, denoising, value), env.step_chunk (and within it, the mean time a worker process spent
-inside its envs), and the rest of rl_core's loop; and it reads the CPU seconds the workers used.
+(prefix, denoising, value), env.step_chunk (pipelined: the waits in begin_chunk / finish_chunk) and
+the mean time a worker process spent inside its envs, and the rest of rl_core's loop; and it reads
+the CPU seconds the workers used.
 Writes bench/results/rl_throughput.{json,md}.
 """
 from __future__ import annotations
@@ -127,28 +133,32 @@ class Layout:
     """One env batch with a given envs_per_process, and the sums of its timed rollouts.
 
     name "before": one process per env with the worker env as it was before this change; an
-    integer: envs_per_process with the current code."""
+    integer: envs_per_process with the current code; "auto": one process per core; "pipe": "auto"
+    with the pipelined rollout."""
 
     def __init__(self, spec: str, cfg, default_envs: int):
         from pirl.train.rl import make_env
 
         self.name, _, envs = spec.partition("@")
         self.num_envs = int(envs) if envs else default_envs
+        self.pipelined = self.name == "pipe"
         started = time.perf_counter()
         if self.name == "before":
             self.env = make_before_env(cfg.env, self.num_envs, cfg.run.seed)
         else:
-            per_process = None if self.name == "auto" else int(self.name)
+            per_process = None if self.name in ("auto", "pipe") else int(self.name)
             self.env = make_env({**cfg.env, "envs_per_process": per_process}, self.num_envs, cfg.run.seed)
         self.build_s = time.perf_counter() - started
         self.processes = self.env.backend.pool.num_workers
         self.timers = Timers()  # sums over the timed rollouts
-        self._step_timer = Timers()  # every env.step_chunk call
-        self.env.step_chunk = timed(self.env.step_chunk, self._step_timer, "step_chunk")
+        self._step_timer = Timers()  # the loop's waits for the envs: step_chunk, or both chunk halves
+        for method in ("begin_chunk", "finish_chunk") if self.pipelined else ("step_chunk",):
+            setattr(self.env, method, timed(getattr(self.env, method), self._step_timer, "step_chunk"))
         self.env_steps = self.chunks = 0
         self.rollout_steps_per_s: list[float] = []
         self.collect_steps_per_s: list[float] = []
         self.batches: list = []
+        self.warmup_batch = None
 
     def rollout(self, agent, processor, cfg, seed: int, num_chunks: int, n_exec: int, keep_batch: bool):
         import torch
@@ -170,13 +180,13 @@ class Layout:
             busy1, cpu1 = sum(pool.busy_s), [process_cpu_s(p) for p in worker_pids(self.env)]
             batch, _ = rl_core.collect_rollout(agent, TimedProcessor(processor, timers), self.env, obs,
                                                num_chunks, n_exec, cfg.sampler,
-                                               torch.Generator().manual_seed(seed))
+                                               torch.Generator().manual_seed(seed), pipeline=self.pipelined)
             total = time.perf_counter() - started
         finally:
             rl_core.act, rl_core.state_value = act, value
         cpu2 = [process_cpu_s(p) for p in worker_pids(self.env)]
         timers.add("total", total)  # reset + collect_rollout, what `pirl train` times
-        timers.add("step_chunk", self._step_timer["step_chunk"] - step0)
+        timers.add("step_chunk", self._step_timer.get("step_chunk", 0.0) - step0)
         timers.add("worker_busy_mean", (sum(pool.busy_s) - busy1) / self.processes)
         timers.add("worker_cpu_reset", sum(cpu1) - sum(cpu0))
         timers.add("worker_cpu", sum(cpu2) - sum(cpu1))
@@ -230,8 +240,8 @@ def same_batches(a, b) -> bool:
 
 
 def layout_label(name: str, num_envs: int | None = None) -> str:
-    label = {"before": "before: 1 per process, old worker env", "auto": "one process per core"}.get(
-        name, f"{name} per process")
+    label = {"before": "before: 1 per process, old worker env", "auto": "one process per core",
+             "pipe": "one process per core, pipelined"}.get(name, f"{name} per process")
     return label if num_envs is None else f"{num_envs} envs, {label}"
 
 
@@ -264,7 +274,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
               " inputs; `model` = prefix, denoising and value head (the chunk's sample, and V of truncated"
               " envs' final obs); `step_chunk` = the env call; `worker_busy_mean` = time a worker process"
               " spent inside its envs (simulator steps and auto-resets), mean over processes;"
-              " `step_chunk_minus_busy` = waiting for the slowest process, pipes, pickling, stacking;"
+              " `step_chunk_minus_busy` = waiting for the slowest process, pipes, pickling, stacking"
+              " (pipelined: `step_chunk` is the time the loop waited in begin_chunk / finish_chunk while the"
+              " processes stepped, so this is negative where the model ran during their steps);"
               " `rl_core_other` = the rest of collect_rollout. Worker CPU ms / env step = CPU seconds of all"
               " worker processes during collect_rollout (auto-resets included) per executed env step; worker"
               " CPU s / reset = theirs during `env.reset(seed)` (one scene rebuild per env).", ""]
@@ -282,10 +294,10 @@ def layout_timers_reset(layouts: list[Layout]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", nargs="+", default=["before", "1", "4", "8", "16", "auto@32"],
-                        help="'before' (the old layout and worker env), envs_per_process values or 'auto'"
-                             " (one process per core), each optionally @N envs; the first is the baseline of"
-                             " the ratios")
+    parser.add_argument("--layouts", nargs="+", default=["before", "1", "4", "8", "16", "auto@32", "pipe@32"],
+                        help="'before' (the old layout and worker env), envs_per_process values, 'auto'"
+                             " (one process per core) or 'pipe' (auto with the pipelined rollout), each"
+                             " optionally @N envs; the first is the baseline of the ratios")
     parser.add_argument("--rollouts", type=int, default=3, help="timed rollouts per layout (after one warm-up)")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--num-chunks", type=int, default=20)
@@ -318,8 +330,9 @@ def main(argv=None) -> int:
             print(f"built {layout_label(layouts[-1].name, layouts[-1].num_envs)}: {layouts[-1].processes}"
                   f" processes in {layouts[-1].build_s:.1f} s,"
                   f" {available_gib():.1f} GiB memory left", flush=True)
-        for layout in layouts:  # warm-up (first resets, allocator, caches), not timed
-            layout.rollout(agent, processor, cfg, 999, args.num_chunks, args.n_exec, keep_batch=False)
+        for layout in layouts:  # warm-up (first resets, allocator, caches), not timed; rollout 0's seeds
+            layout.warmup_batch = layout.rollout(agent, processor, cfg, 1000, args.num_chunks, args.n_exec,
+                                                 keep_batch=False)
         layout_timers_reset(layouts)
         for r in range(args.rollouts):
             for layout in layouts:
@@ -331,9 +344,10 @@ def main(argv=None) -> int:
         for layout in layouts:
             layout.env.close()
     rows = [layout.summary() for layout in layouts]
-    for layout, row in zip(layouts, rows):  # against the first layout of the same env count
-        first = next(x for x in layouts if x.num_envs == layout.num_envs)
+    for layout, row in zip(layouts, rows):  # against the first layout of the same env count and loop
+        first = next(x for x in layouts if (x.num_envs, x.pipelined) == (layout.num_envs, layout.pipelined))
         row["batches_equal_first_layout"] = all(same_batches(a, b) for a, b in zip(first.batches, layout.batches))
+        row["warmup_equals_rollout_0"] = same_batches(layout.warmup_batch, layout.batches[0])
     meta = {
         "machine": machine(),
         "setup": (f"The main job's rollout: {args.num_envs} PickCube state envs unless a layout says @N (max"
@@ -342,8 +356,11 @@ def main(argv=None) -> int:
                   f" OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch threads 1."),
         "note": (f"{args.rollouts} timed rollouts per layout after a warm-up one, layouts alternating; 1-min"
                  f" load average {load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after (other jobs"
-                 " share the cores). Batches (rewards, dones, actions) identical to the first layout's for the"
-                 " same seeds: " + ", ".join(f"{r['layout']}: {r['batches_equal_first_layout']}" for r in rows) + "."),
+                 " share the cores). Batches (rewards, dones, actions) identical to the first layout's of the same"
+                 " env count and loop (unpipelined / pipelined) for the same seeds: "
+                 + ", ".join(f"{r['layout']}: {r['batches_equal_first_layout']}" for r in rows)
+                 + "; the warm-up rollout (rollout 0's seeds) identical to rollout 0: "
+                 + ", ".join(f"{r['layout']}: {r['warmup_equals_rollout_0']}" for r in rows) + "."),
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }

@@ -98,5 +98,6 @@ def _cat_inputs(parts: list[ModelInputs]) -> ModelInputs:
 
 
 def stack_inputs(parts: list[ModelInputs]) -> ModelInputs:
-    """Time-major concatenation of per-chunk-step inputs [B] x T -> [T*B]."""
+    """Rows of `parts` one after the other: per-chunk-step inputs [B] x T -> time-major [T*B], or one
+    chunk's env groups -> [B]."""
     return _cat_inputs(parts)

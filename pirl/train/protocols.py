@@ -33,6 +33,23 @@ class ChunkEnv(Protocol):
         """Execute actions[:, :n_exec]: (obs, reward [B], terminated [B], truncated [B], info)."""
         ...
 
+    def step_groups(self) -> list[list[int]]:
+        """Env indices per group that can step while the others' chunks are computed (one group per
+        worker process; one group of all envs where nothing steps in the background)."""
+        ...
+
+    def begin_chunk(self, indices: Sequence[int], actions: np.ndarray, n_exec: int | None = None) -> Any:
+        """step_chunk for envs `indices` alone, started; returns at once where they step in the background."""
+        ...
+
+    def finish_chunk(self, pending: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """step_chunk's outputs for a begun chunk, one row per env of its `indices`."""
+        ...
+
+    def abandon_chunk(self, pending: Any) -> None:
+        """Drop a begun chunk (a rollout stopped on an error); the env needs reset() again."""
+        ...
+
     def close(self) -> None: ...
 
 

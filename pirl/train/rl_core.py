@@ -1,6 +1,7 @@
 """The pieces of one RL iteration, as functions of (agent, data, config): no processes, no placement.
 
-    collect_rollout   envs + policy copy -> TrajectoryBatch            (runs in a rollout worker)
+    collect_rollout   envs + policy copy -> TrajectoryBatch            (runs in a rollout worker;
+                      pipelined over env groups when the envs live in several processes)
     compute_advantages  GAE (PPO) or group-relative success (GRPO)     (METHODS.md §4)
     ppo_update        PPO epochs over minibatches on one learner       (METHODS.md §2-4)
     evaluate          ODE sampling, fixed seeds -> success table
@@ -35,6 +36,7 @@ from pirl.flow.steps import FixedNoiseRule, LearnedNoiseRule, SDERule
 from pirl.train.batch import TrajectoryBatch, stack_inputs
 from pirl.train.logger import progress_bar
 from pirl.train.protocols import ChunkEnv, TrainStep
+from vla.inputs import ModelInputs
 from vla.policy import FlowPolicy
 from vla.normalize import NormStats, raw_to_normalized_std
 from vla.processor import Processor
@@ -206,51 +208,161 @@ def state_value(agent: Agent, processor: Processor, obs: dict) -> Tensor:
 
 
 def collect_rollout(agent: Agent, processor: Processor, env: ChunkEnv, obs: dict, num_chunks: int, n_exec: int,
-                    sampler: SamplerConfig, generator: torch.Generator, weight_version: int = 0):
+                    sampler: SamplerConfig, generator: torch.Generator, weight_version: int = 0,
+                    pipeline: bool = True):
     """Steps `env` for `num_chunks` chunks from `obs`; returns (TrajectoryBatch, next obs).
 
     Truncated episodes get V(final obs) for bootstrapping; terminated ones bootstrap nothing.
+
+    With `pipeline` and an env whose envs live in >= 2 worker processes (`pipeline_groups`), the envs
+    are split in two groups and the model computes one group's next chunk while the other group's
+    processes step, instead of leaving every process idle while it runs (bench/rl_throughput.py, layout pipe).
+    Each group draws its noise from its own generator, seeded from `generator`, so the batch is as
+    reproducible as without pipelining (the same seeds give the same batch) but its noise differs
+    from the unpipelined rollout's; env seeds, env order and everything else are as without it.
+    Without `pipeline`, or with one group, every chunk is computed for all envs at once.
     """
     agent.eval()
     cfg = agent.policy.config
     if not 1 <= n_exec <= cfg.action_horizon:
         raise ValueError(f"n_exec must be in [1, {cfg.action_horizon}], got {n_exec}")
-    inputs_t, chains, rewards, terms, truncs, values, trunc_values, successes = [], [], [], [], [], [], [], []
-    ep_returns, ep_lengths, ep_success, env_steps = [], [], [], 0
-    for _ in range(num_chunks):
-        inputs, chain, value, actions = act(agent, processor, obs, sampler, generator)
-        obs, reward, terminated, truncated, info = env.step_chunk(actions[:, :n_exec], n_exec)
-        terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
-        tv = torch.zeros(len(reward))
-        cut = np.flatnonzero(truncated & ~terminated)
-        if len(cut):
-            final = info["final_obs"]
-            sub = {"images": {k: np.asarray(v)[cut] for k, v in final["images"].items()},
-                   "state": np.asarray(final["state"])[cut], "prompt": [final["prompt"][i] for i in cut]}
-            tv[torch.from_numpy(cut)] = state_value(agent, processor, sub).cpu()
-        inputs_t.append(inputs.to("cpu"))
-        chains.append(chain.to("cpu"))
-        rewards.append(torch.as_tensor(np.asarray(reward), dtype=torch.float32))
-        terms.append(torch.from_numpy(terminated))
-        truncs.append(torch.from_numpy(truncated))
-        values.append(value.float().cpu())
-        trunc_values.append(tv)
-        successes.append(torch.as_tensor(np.asarray(info["success_once"]), dtype=torch.bool))
-        env_steps += int(np.sum(info["exec_mask"]))
-        for i in np.flatnonzero(terminated | truncated):
-            ep_returns.append(float(info["episode_return"][i]))
-            ep_lengths.append(int(info["episode_length"][i]))
-            ep_success.append(bool(info["success_once"][i]))
-    last_value = state_value(agent, processor, obs).float().cpu()
+    groups = pipeline_groups(env.step_groups(), env.num_envs) if pipeline else None
+    if groups is None:
+        steps = []
+        for _ in range(num_chunks):
+            inputs, chain, value, actions = act(agent, processor, obs, sampler, generator)
+            outcome = env.step_chunk(actions[:, :n_exec], n_exec)
+            obs = outcome[0]
+            steps.append(_chunk_step(agent, processor, (inputs, chain, value), outcome))
+        last_value = state_value(agent, processor, obs).float().cpu()
+    else:
+        steps, last_value, obs = _collect_pipelined(agent, processor, env, obs, groups, num_chunks, n_exec,
+                                                    sampler, group_generators(generator, len(groups)))
     batch = TrajectoryBatch(
-        inputs=stack_inputs(inputs_t), chain=Chain.cat(chains),
-        rewards=torch.stack(rewards), terminated=torch.stack(terms), truncated=torch.stack(truncs),
-        values=torch.stack(values), truncated_values=torch.stack(trunc_values), last_value=last_value,
-        success=torch.stack(successes), episode_returns=ep_returns, episode_lengths=ep_lengths,
-        episode_success=ep_success, env_steps=env_steps, weight_version=weight_version,
+        inputs=stack_inputs([s.inputs for s in steps]), chain=Chain.cat([s.chain for s in steps]),
+        rewards=torch.stack([s.reward for s in steps]), terminated=torch.stack([s.terminated for s in steps]),
+        truncated=torch.stack([s.truncated for s in steps]), values=torch.stack([s.value for s in steps]),
+        truncated_values=torch.stack([s.truncated_value for s in steps]), last_value=last_value,
+        success=torch.stack([s.success for s in steps]),
+        episode_returns=[e[0] for s in steps for e in s.episodes],
+        episode_lengths=[e[1] for s in steps for e in s.episodes],
+        episode_success=[e[2] for s in steps for e in s.episodes],
+        env_steps=sum(s.env_steps for s in steps), weight_version=weight_version,
         mask_exec=mask_exec(cfg.action_horizon, n_exec), mask_dims=processor.dim_mask(),
     )
     return batch, obs
+
+
+@dataclasses.dataclass
+class _ChunkStep:
+    """One chunk of a batch of envs, as the TrajectoryBatch keeps it (CPU tensors, one row per env)."""
+
+    inputs: ModelInputs  # [B]
+    chain: Chain  # [B]
+    reward: Tensor  # [B]
+    terminated: Tensor  # [B] bool
+    truncated: Tensor  # [B] bool
+    value: Tensor  # [B]
+    truncated_value: Tensor  # [B]: V(final obs) where truncated, else 0
+    success: Tensor  # [B] bool, success_once
+    env_steps: int
+    episodes: list[tuple[float, int, bool]]  # (return, length, success_once) per episode ended, by env
+
+    @staticmethod
+    def cat(parts: list[_ChunkStep]) -> _ChunkStep:
+        """The same chunk of consecutive env groups, joined in group order."""
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return _ChunkStep(inputs=stack_inputs([p.inputs for p in parts]), chain=Chain.cat([p.chain for p in parts]),
+                          reward=cat("reward"), terminated=cat("terminated"), truncated=cat("truncated"),
+                          value=cat("value"), truncated_value=cat("truncated_value"), success=cat("success"),
+                          env_steps=sum(p.env_steps for p in parts), episodes=[e for p in parts for e in p.episodes])
+
+
+def select_obs(obs: dict, rows) -> dict:
+    """Rows `rows` (indices) of a batched observation."""
+    return {"images": {k: np.asarray(v)[rows] for k, v in obs["images"].items()},
+            "state": np.asarray(obs["state"])[rows], "prompt": [obs["prompt"][i] for i in rows]}
+
+
+def cat_obs(parts: list[dict]) -> dict:
+    """Batched observations one after the other (the inverse of splitting a batch into groups)."""
+    return {"images": {k: np.concatenate([p["images"][k] for p in parts]) for k in parts[0]["images"]},
+            "state": np.concatenate([p["state"] for p in parts]), "prompt": [x for p in parts for x in p["prompt"]]}
+
+
+def _chunk_step(agent: Agent, processor: Processor, sampled: tuple, outcome: tuple) -> _ChunkStep:
+    """What one chunk leaves in the batch: `sampled` = act's (inputs, chain, value), `outcome` = the
+    env's step_chunk; truncated envs get V(final obs) to bootstrap from."""
+    inputs, chain, value = sampled
+    _, reward, terminated, truncated, info = outcome
+    terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
+    tv = torch.zeros(len(reward))
+    cut = np.flatnonzero(truncated & ~terminated)
+    if len(cut):
+        tv[torch.from_numpy(cut)] = state_value(agent, processor, select_obs(info["final_obs"], cut)).cpu()
+    ended = np.flatnonzero(terminated | truncated)
+    return _ChunkStep(
+        inputs=inputs.to("cpu"), chain=chain.to("cpu"), reward=torch.as_tensor(np.asarray(reward), dtype=torch.float32),
+        terminated=torch.from_numpy(terminated), truncated=torch.from_numpy(truncated), value=value.float().cpu(),
+        truncated_value=tv, success=torch.as_tensor(np.asarray(info["success_once"]), dtype=torch.bool),
+        env_steps=int(np.sum(info["exec_mask"])),
+        episodes=[(float(info["episode_return"][i]), int(info["episode_length"][i]), bool(info["success_once"][i]))
+                  for i in ended])
+
+
+def pipeline_groups(process_groups: list[list[int]], num_envs: int) -> list[list[int]] | None:
+    """The env groups of a pipelined rollout: the worker processes (`env.step_groups()`) in two
+    halves of consecutive processes, as even in envs as they allow; None (no pipelining) for one
+    process, or for groups that are not consecutive runs of the batch (its rows keep env order).
+
+    Two groups, not one per process: one hides the model behind the other's env steps, and more
+    would only shrink the model's batches (LIBERO runs one process per env: 16 model calls of one
+    row per chunk)."""
+    if len(process_groups) < 2 or [i for g in process_groups for i in g] != list(range(num_envs)):
+        return None
+    sizes = np.cumsum([len(g) for g in process_groups])
+    split = 1 + int(np.argmin([max(s, num_envs - s) for s in sizes[:-1]]))
+    return [[i for g in process_groups[:split] for i in g], [i for g in process_groups[split:] for i in g]]
+
+
+def group_generators(generator: torch.Generator, num_groups: int) -> list[torch.Generator]:
+    """One noise generator per env group of a pipelined rollout, seeded from `generator`: a group's
+    noise is the same whatever order the groups' chunks are computed in."""
+    seeds = torch.randint(0, 2**62, (num_groups,), generator=generator)
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _collect_pipelined(agent: Agent, processor: Processor, env: ChunkEnv, obs: dict, groups: list[list[int]],
+                       num_chunks: int, n_exec: int, sampler: SamplerConfig, generators: list[torch.Generator]):
+    """collect_rollout's loop with one chunk in flight per env group: as soon as a group's chunk is
+    back, its next one is sampled and sent, then the finished one is recorded; the other group's
+    processes step meanwhile. Returns (chunk steps over all envs, last value [B], next obs)."""
+    group_obs = [select_obs(obs, g) for g in groups]
+    steps: list[list[_ChunkStep]] = [[] for _ in groups]
+    sampled: list[tuple] = [()] * len(groups)
+    in_flight: dict[int, Any] = {}
+
+    def launch(g: int) -> None:
+        inputs, chain, value, actions = act(agent, processor, group_obs[g], sampler, generators[g])
+        sampled[g] = (inputs, chain, value)
+        in_flight[g] = env.begin_chunk(groups[g], actions[:, :n_exec], n_exec)
+
+    try:
+        for g in range(len(groups)):
+            launch(g)
+        for t in range(num_chunks):
+            for g in range(len(groups)):
+                outcome, done_sampled = env.finish_chunk(in_flight[g]), sampled[g]
+                del in_flight[g]
+                group_obs[g] = outcome[0]
+                if t + 1 < num_chunks:
+                    launch(g)
+                steps[g].append(_chunk_step(agent, processor, done_sampled, outcome))
+    finally:
+        for pending in in_flight.values():  # an error stopped the rollout: read what is still owed
+            env.abandon_chunk(pending)
+    last_value = torch.cat([state_value(agent, processor, o).float().cpu() for o in group_obs])
+    return [_ChunkStep.cat(parts) for parts in zip(*steps)], last_value, cat_obs(group_obs)
 
 
 def exploration_std_raw(chain: Chain, mask_dims: Tensor, action_scale: np.ndarray) -> list[float]:

@@ -12,7 +12,7 @@ it was (16 envs, one process each), with 32 envs on one process per core, and as
 
 The loop is what `pirl train experiment=maniskill_pickcube_tiny` runs per iteration
 (rollout_on_worker): `env.reset(seed)`, then `pirl.train.rl_core.collect_rollout`, on that job's
-setup pinned here: the main job's start assets/pickcube_tiny_sft_v4_2k, Flow-SDE with the sampler file's
+setup pinned here: the start assets/pickcube_tiny_sft_v4_2k (the main job's until v5_2k, the same policy class and size), Flow-SDE with the sampler file's
 defaults, 16 PickCube state envs (configs/env/maniskill_pickcube_state.yaml, 100-step episodes,
 shaped_diff reward), num_chunks 20, n_exec 5, built as pirl/train/rl.py builds them. All layouts
 are alive at once and their rollouts alternate (round r runs every layout once), so a load change

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 HORIZONS = (50, 75, 100, 150, 200)
+HIGH_GOAL_Z = 0.245  # the top quarter of PickCube's goal heights (0.02-0.32 m above the table)
 
 
 def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, num_steps: int) -> dict:
@@ -35,10 +36,12 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
     generator = torch.Generator().manual_seed(seed)
     obs, _ = env.reset(seed)
     rec = {"seed": seed, "first_grasp": None, "first_placed": None, "first_success": None,
-           "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0}
+           "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0,
+           "goal_z": float(raw.goal_site.pose.p[0, 2]), "clipped_dims": set()}
     cfg = policy.config
     while rec["steps"] < max_steps and rec["first_success"] is None:
         inputs = processor({"images": {}, "state": obs["state"][None], "prompt": [obs["prompt"]]})
+        rec["clipped_dims"] |= clipped_state_dims(obs["state"], processor.norm_stats["state"], processor.norm_mode)
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator)
         with torch.no_grad():
             chunk = processor.unnormalize_actions(policy.sample_actions(inputs, noise=noise, num_steps=num_steps))
@@ -56,7 +59,17 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
                     rec[key] = step
             if done or rec["steps"] >= max_steps:
                 break
+    rec["clipped_dims"] = sorted(rec["clipped_dims"])
     return rec
+
+
+def clipped_state_dims(state: np.ndarray, stats, mode) -> set[int]:
+    """Kept state dims whose normalised value sits at the clip: the policy cannot tell values beyond
+    it apart (a symmetric ±3 clip cuts the cube's height above ~0.2 m at PickCube's high goals)."""
+    from vla.normalize import normalize, normalize_unclipped
+
+    cut = np.abs(normalize(state, stats, mode) - normalize_unclipped(state, stats, stats.resolved_mode(mode))) > 1e-6
+    return {int(d) for d in np.flatnonzero(cut) if d not in stats.drop}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -65,6 +78,7 @@ def summarize(records: list[dict]) -> dict:
     grasped = [r for r in records if r["first_grasp"] is not None]
     stuck = [r for r in grasped if r["first_success"] is None]
     succ_steps = [r["first_success"] for r in records if r["first_success"] is not None]
+    high = [r for r in records if r["goal_z"] > HIGH_GOAL_Z]
     return {
         "episodes": n,
         "success": len(succ_steps) / n,
@@ -77,6 +91,10 @@ def summarize(records: list[dict]) -> dict:
             [float(q) for q in np.percentile([r["final_goal_dist"] for r in stuck], [25, 50, 75])] if stuck else None,
         "grasped_failures_min_goal_dist_median":
             float(np.median([r["min_goal_dist"] for r in stuck])) if stuck else None,
+        "high_goals": len(high),
+        "success_high_goals": sum(r["first_success"] is not None for r in high),
+        "success_other_goals": sum(r["first_success"] is not None for r in records if r not in high),
+        "episodes_with_clipped_state": sum(bool(r["clipped_dims"]) for r in records),
     }
 
 
@@ -123,15 +141,18 @@ def main(argv=None) -> None:
             "n_exec": args.n_exec, "num_steps": args.num_steps}
     out.with_suffix(".json").write_text(json.dumps({"settings": meta, "results": results}, indent=2))
     head = ("| checkpoint | success | " + " | ".join(f"by step {h}" for h in HORIZONS)
-            + " | never grasped | grasped, no success | final goal distance of those (m, quartiles) |")
-    rows = [head, "|" + "---|" * (5 + len(HORIZONS))]
+            + " | never grasped | grasped, no success | final goal distance of those (m, quartiles) "
+            + f"| success, goals above {HIGH_GOAL_Z} m | success, other goals | episodes with a state dim at its clip |")
+    rows = [head, "|" + "---|" * (8 + len(HORIZONS))]
     for label, res in results.items():
         s = res["summary"]
         q = s["grasped_failures_final_goal_dist_quartiles"]
         rows.append(f"| {label} | {s['success']:.2f} | "
                     + " | ".join(f"{s['success_by_step'][h]:.2f}" for h in HORIZONS)
                     + f" | {s['never_grasped']:.2f} | {s['grasped_not_success']:.2f} | "
-                    + (" / ".join(f"{x:.3f}" for x in q) if q else "-") + " |")
+                    + (" / ".join(f"{x:.3f}" for x in q) if q else "-")
+                    + f" | {s['success_high_goals']}/{s['high_goals']} | {s['success_other_goals']}/"
+                    f"{s['episodes'] - s['high_goals']} | {s['episodes_with_clipped_state']} |")
     table = "\n".join(rows)
     out.with_suffix(".md").write_text(
         f"# PickCube failure modes\n\n{args.episodes} episodes per checkpoint, seeds {args.seed}.., ODE at "

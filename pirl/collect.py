@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl.train.rl_core import SamplerConfig, act
+from pirl.train.rl_core import SamplerConfig, act, select_obs
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,6 @@ class _EpisodeLog:
                        final_state=final_state)
 
 
-def _rows(obs: dict, rows: list[int]) -> dict:
-    return {"images": {k: np.asarray(v)[rows] for k, v in obs["images"].items()},
-            "state": np.asarray(obs["state"])[rows], "prompt": [obs["prompt"][i] for i in rows]}
-
-
 def collect(cfg: CollectConfig) -> dict:
     """Runs the episodes and writes the dataset; returns a summary (episodes, successes, seconds, ...)."""
     from envs.dataset import write_lerobot_dataset
@@ -131,7 +126,7 @@ def collect(cfg: CollectConfig) -> dict:
             while active:
                 need = [i for i in active if used[i] >= cfg.n_exec]
                 if need:
-                    _, _, _, actions = act(agent, processor, _rows(obs, need), cfg.sampler, generator,
+                    _, _, _, actions = act(agent, processor, select_obs(obs, need), cfg.sampler, generator,
                                            deterministic=cfg.ode)
                     for j, i in enumerate(need):
                         queue[i], used[i] = actions[j, : cfg.n_exec], 0

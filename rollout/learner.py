@@ -213,6 +213,12 @@ class Learner:
         result["version"] = self.version
         return result
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Every param group's lr := ``scale`` x the lr the optimizer factory gave it (a schedule)."""
+        for group in self.engine.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * scale
+
     def snapshot(self, trainable_only: bool = True) -> tuple[int, WeightSnapshot | None]:
         """(version, full gathered parameters packed on rank 0); every rank must call it (under
         ZeRO-3 the gather is a collective). Other ranks return (version, None). Called with
@@ -302,6 +308,10 @@ class LearnerGroup:
         out = {k: sum(r[k] for r in results) / n for k in results[0] if k != "version"}
         self.version = out["version"] = results[0]["version"]
         return out
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale every rank's learning rates to ``scale`` x their initial values (for the following steps)."""
+        self._gather([a.set_lr_scale.remote(float(scale)) for a in self.actors])
 
     def snapshot_ref(self, trainable_only: bool = True) -> ray.ObjectRef:
         """An ObjectRef to rank 0's :class:`WeightSnapshot` (stays in the object store; hand the

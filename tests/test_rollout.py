@@ -140,6 +140,23 @@ def test_weight_sync_round_trip_bit_exact_and_versioned(learners, pool):
     assert pool.call(0, _worker_version, expected_version=version + 1) == version + 1
 
 
+def test_lr_scale_reaches_every_rank(learners):
+    """Scale 0 freezes the weights (AdamW's decay scales with lr too); scale 1 moves them again."""
+    data = regression_data(seed=4)
+    try:
+        learners.set_lr_scale(0.0)
+        before = learners.get_weights()
+        learners.train_step(data, mse_loss)
+        after = learners.get_weights()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        learners.set_lr_scale(1.0)
+        learners.train_step(data, mse_loss)
+        moved = learners.get_weights()
+        assert any(not torch.equal(after[k], moved[k]) for k in after)
+    finally:
+        learners.set_lr_scale(1.0)
+
+
 def _worker_params(worker):
     return {k: v.detach().clone() for k, v in trainable_parameters(worker.model).items()}
 

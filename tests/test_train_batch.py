@@ -130,3 +130,26 @@ def test_minibatches_without_valid_rows_take_no_optimizer_step():
     out = ppo_update(agent, train_step, batch, zeros, zeros, generator=torch.Generator().manual_seed(0),
                      valid=torch.zeros(1, 4, dtype=torch.bool), **common)
     assert steps == [] and out["minibatches_skipped"] == 4
+
+
+def test_linear_lr_schedule_closed_form_and_applied_to_every_group():
+    import pytest
+
+    from pirl.train.rl_core import OptimConfig, scale_learning_rates
+
+    assert OptimConfig().lr_scale(7, 10) == 1.0  # constant by default
+    linear = OptimConfig(lr_schedule="linear", lr_final_fraction=0.1)
+    assert [round(linear.lr_scale(i, 11), 6) for i in (0, 5, 10, 20)] == [1.0, 0.55, 0.1, 0.1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        OptimConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="lr_final_fraction"):
+        OptimConfig(lr_final_fraction=1.5)
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-2}])
+    scale_learning_rates(opt, 0.25)
+    scale_learning_rates(opt, 0.5)  # relative to the built lr, not compounded
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 2e-2]
+    restored = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-2}])
+    restored.load_state_dict(opt.state_dict())  # a resumed run keeps the built lr as the base
+    scale_learning_rates(restored, 1.0)
+    assert [g["lr"] for g in restored.param_groups] == [1e-3, 4e-2]

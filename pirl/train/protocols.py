@@ -89,6 +89,10 @@ class LearnerGroup(Protocol):
         """One optimizer step (a `TrainStep`)."""
         ...
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Every learning rate := `scale` x its initial value, for the steps that follow."""
+        ...
+
     def snapshot_ref(self, trainable_only: bool = True) -> Any:
         """The current weights, in the form `WorkerPool.sync` takes."""
         ...

@@ -60,6 +60,7 @@ from pirl.train.rl_core import (
     exploration_std_raw,
     grpo_episode_advantages,
     ppo_update,
+    scale_learning_rates,
 )
 from vla.checkpoint import atomic_directory, load_policy, read_metadata, save_policy, tokenizer_path
 from vla.config import unknown_keys_message
@@ -298,6 +299,9 @@ class LocalLearnerGroup:
     def train_step(self, minibatch: Any, loss_fn) -> dict[str, float]:
         return self.learner.train_step(minibatch, loss_fn)
 
+    def set_lr_scale(self, scale: float) -> None:
+        scale_learning_rates(self.learner.optimizer, scale)
+
     def snapshot_ref(self, trainable_only: bool = True) -> None:
         return None  # the worker holds the learner's own module
 
@@ -516,6 +520,8 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     # 3. advantages
     advantages, returns, valid = advantages_of(batch, cfg)
     # 4. PPO epochs
+    lr_scale = cfg.optim.lr_scale(iteration, run.iterations)
+    roles.learners.set_lr_scale(lr_scale)
     generator = torch.Generator().manual_seed(iteration_seed(run.seed, iteration, 999))
     metrics = ppo_update(roles.host_agent, roles.learners.train_step, batch, advantages, returns, cfg.sampler,
                          cfg.optim, cfg.ppo, cfg.value, generator, valid=valid,
@@ -524,7 +530,7 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     # 5. log, evaluate, checkpoint
     rollout_s = t2 - rollout_started
     record = {"iteration": iteration, **rollout_metrics(batch), "time_sync_s": t1 - t0, "time_rollout_s": rollout_s,
-              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(rollout_s, 1e-9), **metrics,
+              "time_learn_s": t3 - t2, "env_steps_per_s": batch.env_steps / max(rollout_s, 1e-9), "lr_scale": lr_scale, **metrics,
               **exploration_metrics(batch, processor), **roles.placement_metrics(version), **start_eval}
     if run.eval_every > 0 and _on_schedule(iteration, run.eval_every, run.iterations):
         bar.set_postfix_str(f"iteration {iteration}: evaluate")

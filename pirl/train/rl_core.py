@@ -129,6 +129,25 @@ class OptimConfig:
     """Entropy bonus of the noise head (Flow-Noise only; Flow-SDE stds are fixed)."""
     trainable: str = "expert"
     """"expert" (πRL: VLM frozen; expert, projections, heads) or "all"."""
+    lr_schedule: str = "constant"
+    """"constant", or "linear": every learning rate falls linearly from its value at iteration 0 to
+    `lr_final_fraction` of it at the last iteration (CleanRL's annealing), so late iterations refine
+    the policy instead of moving it as far as early ones."""
+    lr_final_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"optim.lr_schedule must be constant or linear, got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_final_fraction <= 1.0:
+            raise ValueError(f"optim.lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
+
+    def lr_scale(self, iteration: int, iterations: int) -> float:
+        """The factor on every base learning rate at `iteration` of `iterations` (0-based): 1 at the
+        first, `lr_final_fraction` at the last."""
+        if self.lr_schedule == "constant" or iterations <= 1:
+            return 1.0
+        progress = min(max(iteration, 0), iterations - 1) / (iterations - 1)
+        return 1.0 - (1.0 - self.lr_final_fraction) * progress
 
 
 def raw_std_to_policy_units(raw_std: float | tuple[float, ...], action_stats: NormStats | None, action_dim: int) -> Tensor:
@@ -568,6 +587,13 @@ class LocalLearner:
         self.version += 1
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
                 **{k: float(v) for k, v in metrics.items()}}
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Set every param group's lr to `scale` times the lr it was built with (kept as `base_lr`)."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * scale
 
 
 def seeded_noise_stream(seed: int, index: int, horizon: int, action_dim: int) -> tuple[torch.Generator, Tensor]:

@@ -47,7 +47,7 @@ def local():
 
 
 # float32 kernels may round differently with the batch size on some CPUs (seen: an AMD EPYC gives a row
-# computed alone and the same row inside a batch of 6 up to 2.5e-6 apart; Intel machines gave 0). The
+# computed alone and the same row inside a batch of 6 up to 2.5e-6 apart; earlier machines gave 0). The
 # same batch composition is bit-exact; across compositions a row must agree to this (actions of
 # different seeds differ by ~1e-1).
 ACROSS_BATCHES = dict(rtol=0.0, atol=2e-5)

@@ -344,38 +344,23 @@ def test_sigterm_answers_in_flight_requests_then_exits(tmp_path, local):
 def run_eval(out: Path, *args: str) -> dict:
     from pirl.cli import main
 
-    assert main(["eval", *args, "episodes=4", "num_envs=2", f"seed={EVAL_SEED}", f"output_dir={out}"]) == 0
+    assert main(["eval", *args, "episodes=4", "num_envs=1", f"seed={EVAL_SEED}", f"output_dir={out}"]) == 0
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.sim
 def test_remote_eval_equals_local_eval(server, tmp_path, capsys):
     """`pirl eval policy=ws://...` runs the same episode loop with a RemoteActor and takes the served
     checkpoint's rollout settings (env, episode length, n_exec, K) as `pirl eval checkpoint=...` takes them
-    from rollout.json: with none given, the same per-episode table."""
+    from rollout.json: with none given, the same per-episode table. One env, so every chunk is a batch of
+    one both locally and on the server (ACROSS_BATCHES: other batch compositions can differ in the last
+    bits, which 100 simulated steps can turn into a different episode length)."""
     local_result = run_eval(tmp_path / "local", f"checkpoint={CKPT}")
-    # A server that waits for both envs' requests batches them two at a time, as the local eval does
-    # (with a short wait the batch sizes follow timing); the rows' order follows arrival, so the actions
-    # still agree only to float32 rounding (ACROSS_BATCHES).
-    cfg = ServeConfig(checkpoint=CKPT, port=0, num_steps=4, max_batch=2, max_wait_ms=2000.0)
-    with ServerThread(ServedPolicy.from_config(cfg), cfg) as paired:
-        remote_result = run_eval(tmp_path / "remote", f"policy={paired.url}")
-    assert f"from {paired.url} (the served checkpoint's rollout settings)" in capsys.readouterr().out
-    for key in ("task", "num_steps", "n_exec", "max_episode_steps", "defaults_from_checkpoint", "successes"):
+    remote_result = run_eval(tmp_path / "remote", f"policy={server.url}")
+    assert f"from {server.url} (the served checkpoint's rollout settings)" in capsys.readouterr().out
+    for key in ("task", "num_steps", "n_exec", "max_episode_steps", "defaults_from_checkpoint", "per_episode"):
         assert remote_result[key] == local_result[key], key
-    for remote, here in zip(remote_result["per_episode"], local_result["per_episode"], strict=True):
-        # the server batches the envs' requests as they arrive (ACROSS_BATCHES): the same outcome and
-        # length per seed; the dense returns, summed over 100 simulated steps, carry the last-bit action
-        # differences further (seen: 29.5921 vs 29.5956)
-        assert {k: remote[k] for k in ("seed", "success", "length")} == {k: here[k] for k in ("seed", "success", "length")}
-        assert remote["return"] == pytest.approx(here["return"], rel=1e-2)
     assert (remote_result["num_steps"], remote_result["n_exec"], remote_result["max_episode_steps"]) == (4, 5, 100)
-    def table_without_returns(path):  # the mean return is rounded float32 sums (above)
-        rows = [line.split("|") for line in path.read_text().splitlines() if line.startswith("|")]
-        col = [c.strip() for c in rows[0]].index("mean return")
-        return [r[:col] + r[col + 1:] for r in rows]
-
-    assert table_without_returns(tmp_path / "remote" / "results.md") == table_without_returns(tmp_path / "local" / "results.md")
+    assert (tmp_path / "remote" / "results.md").read_text() == (tmp_path / "local" / "results.md").read_text()
     assert 0 < local_result["successes"] < local_result["episodes"], local_result["per_episode"]
 
 

@@ -95,6 +95,32 @@ def test_local_training_then_resume_repeats_the_uninterrupted_run(init_checkpoin
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training did move the weights
 
 
+def test_failed_reset_seeds_are_replayed_and_a_resumed_run_plans_the_same(init_checkpoint, tmp_path):
+    """run.replay_failures: a random policy fails every 10-step episode, so from iteration 1 on half
+    of the envs restart from a seed an earlier iteration failed; the plan is part of the checkpoint."""
+    over = {"run": {"iterations": 3, "replay_failures": 0.5}, "cluster": {"envs_per_worker": 4}}
+    full = train(_config(init_checkpoint, tmp_path / "full", **over))["history"]
+    assert all(ok == 0 for h in full for _, ok in h["resets"])  # the negative premise: nothing succeeds
+    seen = [s for s, _ in full[0]["resets"]]
+    assert full[0]["replayed_envs"] == 0 and len(set(seen)) == 4
+    for h in full[1:]:
+        assert h["replayed_envs"] == 2
+        replayed = [s for s, _ in h["resets"][:2]]
+        assert set(replayed) <= set(seen) and len(set(replayed)) == 2  # earlier failures, no repeats
+        assert not set(s for s, _ in h["resets"][2:]) & set(seen)  # the rest fresh
+        seen += [s for s, _ in h["resets"]]
+    resumed = train(_config(init_checkpoint, tmp_path / "full", run={
+        "iterations": 3, "replay_failures": 0.5, "resume": str(tmp_path / "full" / "checkpoints" / "iter_000001")},
+        cluster={"envs_per_worker": 4}))["history"]
+    assert resumed[2]["resets"] == full[2]["resets"]
+    assert resumed[2]["reward_per_chunk"] == pytest.approx(full[2]["reward_per_chunk"], rel=1e-5, abs=1e-7)
+
+
+def test_replay_share_is_checked():
+    with pytest.raises(ValueError, match="replay_failures"):
+        RLConfig.from_dict({"run": {"replay_failures": -0.1}, "env": {"simulator": "toy"}})
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray

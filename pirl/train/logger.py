@@ -14,6 +14,7 @@ log = logging.getLogger("pirl")
 # The columns of the console line, in order (others go to the JSONL file and wandb only).
 CONSOLE = [
     ("iteration", "it", "{:d}"), ("env_steps_total", "steps", "{:d}"), ("success_once", "succ", "{:.2f}"),
+    ("replayed_envs", "replayed", "{:d}"), ("replayed_success", "their succ", "{:.2f}"),
     ("start_eval_success_rate", "eval of the start", "{:.2f}"), ("eval_success_rate", "eval", "{:.2f}"),
     ("return", "ret", "{:.2f}"), ("approx_kl", "kl", "{:.4f}"),
     ("clip_frac", "clip", "{:.2f}"), ("entropy", "ent", "{:.2f}"), ("explained_variance", "ev", "{:.2f}"),

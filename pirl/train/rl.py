@@ -46,6 +46,7 @@ from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
 from pirl.config import load_section
 from pirl.train.batch import TrajectoryBatch
 from pirl.train.common import set_seed, set_trainable
+from pirl.train.curriculum import plan_resets
 from pirl.train.logger import MetricLogger, logging_redirect_tqdm, progress_bar
 from pirl.train.protocols import LearnerGroup as LearnerGroupProtocol
 from pirl.train.protocols import WorkerPool as WorkerPoolProtocol
@@ -91,10 +92,17 @@ class RunConfig:
     checkpoint_every: int = 5
     output_dir: str = "runs/rl"
     seed: int = 0
+    replay_failures: float = 0.0
+    """Share of each iteration's env resets that replay earlier training seeds instead of fresh
+    ones, drawn in proportion to how often each failed (`pirl.train.curriculum`); 0: all fresh."""
     resume: str | None = None
     """A checkpoint directory written by this trainer (`.../checkpoints/iter_XXXXXX`) to continue from."""
     wandb: bool = False
     wandb_project: str = "pirl"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.replay_failures <= 1.0:
+            raise ValueError(f"run.replay_failures={self.replay_failures}: a share of the resets, in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,11 +250,20 @@ def setup_worker(worker, cfg: RLConfig) -> None:
     worker.scratch["processor"] = processor_for(cfg.run.init_checkpoint, cfg.run.camera_map)
 
 
-def rollout_on_worker(worker, cfg: RLConfig, iteration: int) -> TrajectoryBatch:
+def fresh_reset_seeds(cfg: RLConfig, iteration: int, worker: int) -> list[int]:
+    """One worker's env reset seeds for an iteration, without a curriculum."""
+    n = cfg.cluster.envs_per_worker
+    seeds = ALGORITHMS[cfg.run.algorithm].reset_seeds(iteration_seed(cfg.run.seed, iteration, worker), n, cfg)
+    return [int(seeds) + i for i in range(n)] if np.ndim(seeds) == 0 else [int(s) for s in seeds]
+
+
+def rollout_on_worker(worker, cfg: RLConfig, iteration: int, reset_seeds: list[list[int]] | None = None
+                      ) -> TrajectoryBatch:
+    """reset_seeds: every worker's env seeds (a curriculum's plan); None: `fresh_reset_seeds`."""
     env, processor = worker.scratch["env"], worker.scratch["processor"]
     seed = iteration_seed(cfg.run.seed, iteration, worker.index)
-    n = cfg.cluster.envs_per_worker
-    obs = env.reset(ALGORITHMS[cfg.run.algorithm].reset_seeds(seed, n, cfg))
+    obs = env.reset(fresh_reset_seeds(cfg, iteration, worker.index) if reset_seeds is None
+                    else reset_seeds[worker.index])
     generator = torch.Generator().manual_seed(seed)
     batch, _ = collect_rollout(worker.model, processor, env, obs, cfg.run.num_chunks, cfg.run.n_exec,
                                cfg.sampler, generator, weight_version=worker.version)
@@ -511,8 +528,9 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
         start_eval["time_start_eval_s"] = time.perf_counter() - t1
     bar.set_postfix_str(f"iteration {iteration}: rollout")
     rollout_started = time.perf_counter()
-    # 2. rollouts
-    batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration))
+    # 2. rollouts, from fresh initial states or (run.replay_failures) partly from failed earlier ones
+    reset_seeds = plan_reset_seeds(cfg, iteration, history)
+    batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration, reset_seeds))
     if batch.weight_version != version:  # a worker rolled out with other weights
         raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
     t2 = time.perf_counter()
@@ -536,12 +554,40 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
         bar.set_postfix_str(f"iteration {iteration}: evaluate")
         roles.pool.sync(roles.learners.snapshot_ref())
         record.update(_evaluate(cfg, roles, f"iter_{iteration:06d}"))
-    history.append({k: v for k, v in record.items() if isinstance(v, int | float)})
+    entry = {k: v for k, v in record.items() if isinstance(v, int | float)}
+    if reset_seeds is not None:  # the curriculum's state: every first episode's (seed, success)
+        successes = batch.first_episode_success.tolist()
+        entry["resets"] = [[s, int(ok)] for s, ok in zip(sum(reset_seeds, []), successes, strict=True)]
+        replay = replay_metrics(reset_seeds, cfg, iteration, successes)
+        record.update(replay)
+        entry.update(replay)
+    history.append(entry)
     logger.log(record)
     if _on_schedule(iteration, run.checkpoint_every, run.iterations):
         roles.save_checkpoint(processor, iteration, history)
     bar.set_postfix_str(f"success {record['success_once']:.2f}"
                         + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
+
+
+def plan_reset_seeds(cfg: RLConfig, iteration: int, history: list) -> list[list[int]] | None:
+    """Every worker's env reset seeds under the curriculum (None without one: workers draw fresh)."""
+    if cfg.run.replay_failures <= 0:
+        return None
+    workers = cfg.cluster.num_workers if cfg.cluster.use_ray else 1
+    fresh = [fresh_reset_seeds(cfg, iteration, w) for w in range(workers)]
+    outcomes = [(s, bool(ok)) for h in history for s, ok in h.get("resets", [])]
+    rng = np.random.default_rng(iteration_seed(cfg.run.seed, iteration, 998))
+    planned = plan_resets(sum(fresh, []), outcomes, cfg.run.replay_failures, rng)
+    n = cfg.cluster.envs_per_worker
+    return [planned[w * n:(w + 1) * n] for w in range(workers)]
+
+
+def replay_metrics(reset_seeds: list[list[int]], cfg: RLConfig, iteration: int, successes: list[bool]) -> dict:
+    """How many envs replayed an earlier seed this iteration, and their first episodes' success."""
+    fresh = sum((fresh_reset_seeds(cfg, iteration, w) for w in range(len(reset_seeds))), [])
+    replayed = [ok for s, f, ok in zip(sum(reset_seeds, []), fresh, successes, strict=True) if s != f]
+    return {"replayed_envs": len(replayed),
+            "replayed_success": float(np.mean(replayed)) if replayed else float("nan")}
 
 
 def _evaluate(cfg: RLConfig, roles: Roles, name: str) -> dict:

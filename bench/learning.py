@@ -51,7 +51,7 @@ def run_method(name: str, iterations: int, extra: list[str], out_root: Path, see
     # The experiment's optimiser settings are PPO's; GRPO keeps them but needs whole episodes.
     cfg = compose_train(overrides)
     started = time.perf_counter()
-    history = train(cfg)["history"]
+    history = [{k: v for k, v in h.items() if k != "resets"} for h in train(cfg)["history"]]  # curriculum state
     wall = time.perf_counter() - started
     steps = sum(h["env_steps"] for h in history)
     return {"method": name, "seed": seed, "overrides": overrides, "history": history, "wall_s": wall,

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 HORIZONS = (50, 75, 100, 150, 200)
+GOAL_RADIUS = 0.025  # PickCube's goal_thresh
 HIGH_GOAL_Z = 0.245  # the top quarter of PickCube's goal heights (0.02-0.32 m above the table)
 
 
@@ -37,7 +38,8 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
     obs, _ = env.reset(seed)
     rec = {"seed": seed, "first_grasp": None, "first_placed": None, "first_success": None,
            "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0,
-           "goal_z": float(raw.goal_site.pose.p[0, 2]), "clipped_dims": set()}
+           "goal_z": float(raw.goal_site.pose.p[0, 2]), "clipped_dims": set(),
+           "cube_xy": [float(v) for v in raw.cube.pose.p[0, :2]], "goal_dists": [], "grasped": [], "cube_z": []}
     cfg = policy.config
     while rec["steps"] < max_steps and rec["first_success"] is None:
         inputs = processor({"images": {}, "state": obs["state"][None], "prompt": [obs["prompt"]]})
@@ -53,6 +55,9 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
             dist = float(torch.linalg.norm(raw.goal_site.pose.p - raw.cube.pose.p, dim=1)[0])
             rec["min_goal_dist"] = min(rec["min_goal_dist"], dist)
             rec["final_goal_dist"] = dist
+            rec["goal_dists"].append(dist)
+            rec["grasped"].append(bool(flags["is_grasped"][0]))
+            rec["cube_z"].append(float(raw.cube.pose.p[0, 2]))
             for key, flag in (("first_grasp", "is_grasped"), ("first_placed", "is_obj_placed"),
                               ("first_success", "success")):
                 if rec[key] is None and bool(flags[flag][0]):
@@ -60,7 +65,29 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
             if done or rec["steps"] >= max_steps:
                 break
     rec["clipped_dims"] = sorted(rec["clipped_dims"])
+    rec["failure"] = failure_kind(rec)
+    for key in ("goal_dists", "grasped", "cube_z"):  # per-step traces: only for the classification
+        del rec[key]
     return rec
+
+
+def failure_kind(rec: dict, limit: int = 100) -> str | None:
+    """What a failed episode (no success within `limit` steps) was doing at step `limit`:
+    never_grasped; lost (grasped once, not holding at the end: dropped, or closed on nothing);
+    overshoot (holding the cube more than a goal radius above the goal); approaching (holding it,
+    its goal distance shrank by more than 1 cm over the last 10 steps: too slow); stuck (holding it,
+    not approaching). None for a success within the limit."""
+    if rec["first_success"] is not None and rec["first_success"] < limit:
+        return None
+    if rec["first_grasp"] is None or rec["first_grasp"] >= limit:
+        return "never_grasped"
+    last = min(limit, len(rec["goal_dists"])) - 1
+    if not rec["grasped"][last]:
+        return "lost"
+    if rec["cube_z"][last] > rec["goal_z"] + GOAL_RADIUS:
+        return "overshoot"
+    dists = rec["goal_dists"]
+    return "approaching" if last >= 10 and dists[last - 10] - dists[last] > 0.01 else "stuck"
 
 
 def clipped_state_dims(state: np.ndarray, stats, mode) -> set[int]:
@@ -95,7 +122,18 @@ def summarize(records: list[dict]) -> dict:
         "success_high_goals": sum(r["first_success"] is not None for r in high),
         "success_other_goals": sum(r["first_success"] is not None for r in records if r not in high),
         "episodes_with_clipped_state": sum(bool(r["clipped_dims"]) for r in records),
+        "failures_at_100_steps": {kind: sum(r["failure"] == kind for r in records) for kind in FAILURE_KINDS},
+        "edge_cubes": sum(is_edge(r) for r in records),
+        "failures_at_100_steps_edge_cubes": sum(is_edge(r) and r["failure"] is not None for r in records),
     }
+
+
+FAILURE_KINDS = ("never_grasped", "lost", "overshoot", "approaching", "stuck")
+EDGE = 0.08  # a cube spawned within 2 cm of the edge of its +-0.1 m square (as bench/initial_states.py)
+
+
+def is_edge(rec: dict) -> bool:
+    return max(abs(v) for v in rec["cube_xy"]) >= EDGE
 
 
 def main(argv=None) -> None:
@@ -154,13 +192,28 @@ def main(argv=None) -> None:
                     + f" | {s['success_high_goals']}/{s['high_goals']} | {s['success_other_goals']}/"
                     f"{s['episodes'] - s['high_goals']} | {s['episodes_with_clipped_state']} |")
     table = "\n".join(rows)
+    kinds = ["| checkpoint | failed at 100 steps | of them, edge cubes | " + " | ".join(FAILURE_KINDS) + " |",
+             "|" + "---|" * (3 + len(FAILURE_KINDS))]
+    for label, res in results.items():
+        s = res["summary"]
+        counts = s["failures_at_100_steps"]
+        kinds.append(f"| {label} | {sum(counts.values())} | {s['failures_at_100_steps_edge_cubes']} | "
+                     + " | ".join(str(counts[k]) for k in FAILURE_KINDS) + " |")
+    kinds_table = "\n".join(kinds)
     out.with_suffix(".md").write_text(
         f"# PickCube failure modes\n\n{args.episodes} episodes per checkpoint, seeds {args.seed}.., ODE at "
         f"K = {args.num_steps}, {args.n_exec} actions per chunk, run to success or {args.max_steps} steps "
         f"(success by step h = success within an h-step limit). `python3 bench/failure_modes.py`.\n\n"
         f"{table}\n\nThe goal radius is 0.025 m. A grasped failure whose final distance is well above it "
-        "and does not shrink with a longer limit is stuck, not slow.\n")
+        "and does not shrink with a longer limit is stuck, not slow.\n\n"
+        f"What the episodes that had not succeeded by step 100 (the env's limit) were doing then "
+        f"(`failure_kind`): never grasped; lost (grasped once, not holding: dropped or closed on "
+        f"nothing); overshoot (holding the cube more than a goal radius above the goal); approaching "
+        f"(holding it, 1 cm closer than 10 steps before); stuck (holding it, not approaching). Edge "
+        f"cubes: spawned with max(|x|, |y|) >= {EDGE} m ({{edge}} of the episodes).\n\n{kinds_table}\n"
+        .replace("{edge}", " / ".join(str(r["summary"]["edge_cubes"]) for r in results.values())))
     print(table)
+    print(kinds_table)
 
 
 if __name__ == "__main__":

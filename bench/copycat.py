@@ -64,7 +64,7 @@ class Chunker:
 
 
 def run_episode(env, chunker: Chunker, seed: int, max_steps: int = 100, n_exec: int = 5) -> dict:
-    obs, _ = env.reset(seed)
+    obs, _ = env.reset(seed, hard=True)  # a fresh scene, as evaluation resets
     raw_env, generator = env.raw_env.unwrapped, torch.Generator().manual_seed(seed)
     states, actions, success = [], [], False
     cfg = chunker.policy.config

@@ -35,7 +35,7 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
     """One ODE episode; first step of grasp / placement / success and the cube's goal distances."""
     raw = env.raw_env.unwrapped
     generator = torch.Generator().manual_seed(seed)
-    obs, _ = env.reset(seed)
+    obs, _ = env.reset(seed, hard=True)  # a fresh scene, as evaluation resets: cheap resets carry PhysX state over
     rec = {"seed": seed, "first_grasp": None, "first_placed": None, "first_success": None,
            "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0,
            "goal_z": float(raw.goal_site.pose.p[0, 2]), "clipped_dims": set(),

@@ -200,18 +200,18 @@ def main(argv=None) -> None:
         kinds.append(f"| {label} | {sum(counts.values())} | {s['failures_at_100_steps_edge_cubes']} | "
                      + " | ".join(str(counts[k]) for k in FAILURE_KINDS) + " |")
     kinds_table = "\n".join(kinds)
+    edge_counts = " / ".join(str(r["summary"]["edge_cubes"]) for r in results.values())
     out.with_suffix(".md").write_text(
         f"# PickCube failure modes\n\n{args.episodes} episodes per checkpoint, seeds {args.seed}.., ODE at "
         f"K = {args.num_steps}, {args.n_exec} actions per chunk, run to success or {args.max_steps} steps "
         f"(success by step h = success within an h-step limit). `python3 bench/failure_modes.py`.\n\n"
-        f"{table}\n\nThe goal radius is 0.025 m. A grasped failure whose final distance is well above it "
+        f"{table}\n\nThe goal radius is {GOAL_RADIUS} m. A grasped failure whose final distance is well above it "
         "and does not shrink with a longer limit is stuck, not slow.\n\n"
         f"What the episodes that had not succeeded by step 100 (the env's limit) were doing then "
         f"(`failure_kind`): never grasped; lost (grasped once, not holding: dropped or closed on "
         f"nothing); overshoot (holding the cube more than a goal radius above the goal); approaching "
         f"(holding it, 1 cm closer than 10 steps before); stuck (holding it, not approaching). Edge "
-        f"cubes: spawned with max(|x|, |y|) >= {EDGE} m ({{edge}} of the episodes).\n\n{kinds_table}\n"
-        .replace("{edge}", " / ".join(str(r["summary"]["edge_cubes"]) for r in results.values())))
+        f"cubes: spawned with max(|x|, |y|) >= {EDGE} m ({edge_counts} of the episodes).\n\n{kinds_table}\n")
     print(table)
     print(kinds_table)
 

@@ -348,6 +348,7 @@ def run_eval(out: Path, *args: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.sim
 def test_remote_eval_equals_local_eval(server, tmp_path, capsys):
     """`pirl eval policy=ws://...` runs the same episode loop with a RemoteActor and takes the served
     checkpoint's rollout settings (env, episode length, n_exec, K) as `pirl eval checkpoint=...` takes them

@@ -529,8 +529,9 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
     bar.set_postfix_str(f"iteration {iteration}: rollout")
     rollout_started = time.perf_counter()
     # 2. rollouts, from fresh initial states or (run.replay_failures) partly from failed earlier ones
-    reset_seeds = plan_reset_seeds(cfg, iteration, history)
-    batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration, reset_seeds))
+    plan = plan_reset_seeds(cfg, iteration, history)
+    seeds = None if plan is None else plan.seeds
+    batch = TrajectoryBatch.cat_envs(roles.pool.map(rollout_on_worker, cfg, iteration, seeds))
     if batch.weight_version != version:  # a worker rolled out with other weights
         raise RuntimeError(f"rollouts used weights v{batch.weight_version}, synced v{version}")
     t2 = time.perf_counter()
@@ -554,13 +555,14 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
         bar.set_postfix_str(f"iteration {iteration}: evaluate")
         roles.pool.sync(roles.learners.snapshot_ref())
         record.update(_evaluate(cfg, roles, f"iter_{iteration:06d}"))
-    entry = {k: v for k, v in record.items() if isinstance(v, int | float)}
-    if reset_seeds is not None:  # the curriculum's state: every first episode's (seed, success)
+    if plan is not None:
         successes = batch.first_episode_success.tolist()
-        entry["resets"] = [[s, int(ok)] for s, ok in zip(sum(reset_seeds, []), successes, strict=True)]
-        replay = replay_metrics(reset_seeds, cfg, iteration, successes)
-        record.update(replay)
-        entry.update(replay)
+        replayed = [ok for ok, again in zip(successes, plan.replayed, strict=True) if again]
+        record.update(replayed_envs=len(replayed),
+                      replayed_success=float(np.mean(replayed)) if replayed else float("nan"))
+    entry = {k: v for k, v in record.items() if isinstance(v, int | float)}
+    if plan is not None:  # the curriculum's state: every first episode's (seed, success)
+        entry["resets"] = [[s, int(ok)] for s, ok in zip(sum(plan.seeds, []), successes, strict=True)]
     history.append(entry)
     logger.log(record)
     if _on_schedule(iteration, run.checkpoint_every, run.iterations):
@@ -569,25 +571,26 @@ def rl_iteration(cfg: RLConfig, roles: Roles, processor: Processor, logger: Metr
                         + (f", eval {record['eval_success_rate']:.2f}" if "eval_success_rate" in record else ""))
 
 
-def plan_reset_seeds(cfg: RLConfig, iteration: int, history: list) -> list[list[int]] | None:
+@dataclasses.dataclass(frozen=True)
+class ResetPlan:
+    """One iteration's env resets under the curriculum."""
+
+    seeds: list[list[int]]  # per worker, per env
+    replayed: list[bool]  # per env over all workers (in batch order): an earlier seed, not a fresh one
+
+
+def plan_reset_seeds(cfg: RLConfig, iteration: int, history: list) -> ResetPlan | None:
     """Every worker's env reset seeds under the curriculum (None without one: workers draw fresh)."""
     if cfg.run.replay_failures <= 0:
         return None
     workers = cfg.cluster.num_workers if cfg.cluster.use_ray else 1
-    fresh = [fresh_reset_seeds(cfg, iteration, w) for w in range(workers)]
+    fresh = sum((fresh_reset_seeds(cfg, iteration, w) for w in range(workers)), [])
     outcomes = [(s, bool(ok)) for h in history for s, ok in h.get("resets", [])]
     rng = np.random.default_rng(iteration_seed(cfg.run.seed, iteration, 998))
-    planned = plan_resets(sum(fresh, []), outcomes, cfg.run.replay_failures, rng)
+    planned = plan_resets(fresh, outcomes, cfg.run.replay_failures, rng)
     n = cfg.cluster.envs_per_worker
-    return [planned[w * n:(w + 1) * n] for w in range(workers)]
-
-
-def replay_metrics(reset_seeds: list[list[int]], cfg: RLConfig, iteration: int, successes: list[bool]) -> dict:
-    """How many envs replayed an earlier seed this iteration, and their first episodes' success."""
-    fresh = sum((fresh_reset_seeds(cfg, iteration, w) for w in range(len(reset_seeds))), [])
-    replayed = [ok for s, f, ok in zip(sum(reset_seeds, []), fresh, successes, strict=True) if s != f]
-    return {"replayed_envs": len(replayed),
-            "replayed_success": float(np.mean(replayed)) if replayed else float("nan")}
+    return ResetPlan(seeds=[planned[w * n:(w + 1) * n] for w in range(workers)],
+                     replayed=[p != f for p, f in zip(planned, fresh, strict=True)])
 
 
 def _evaluate(cfg: RLConfig, roles: Roles, name: str) -> dict:

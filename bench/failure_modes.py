@@ -28,11 +28,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 HORIZONS = (50, 75, 100, 150, 200)
 GOAL_RADIUS = 0.025  # PickCube's goal_thresh
+GOAL_MINUS_CUBE = slice(39, 42)  # PickCube's state: goal position - cube position (obj_to_goal_pos)
 HIGH_GOAL_Z = 0.245  # the top quarter of PickCube's goal heights (0.02-0.32 m above the table)
 
 
-def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, num_steps: int) -> dict:
-    """One ODE episode; first step of grasp / placement / success and the cube's goal distances."""
+def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, num_steps: int,
+                trace: bool = False) -> dict:
+    """One ODE episode; first step of grasp / placement / success and the cube's goal distances.
+    `trace`: also record, per chunk, what the policy saw and commanded in the env's units
+    (`chunk_trace`)."""
     raw = env.raw_env.unwrapped
     generator = torch.Generator().manual_seed(seed)
     obs, _ = env.reset(seed, hard=True)  # a fresh scene, as evaluation resets: cheap resets carry PhysX state over
@@ -40,6 +44,8 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
            "min_goal_dist": float("inf"), "final_goal_dist": float("nan"), "steps": 0,
            "goal_z": float(raw.goal_site.pose.p[0, 2]), "clipped_dims": set(),
            "cube_xy": [float(v) for v in raw.cube.pose.p[0, :2]], "goal_dists": [], "grasped": [], "cube_z": []}
+    if trace:
+        rec["trace"] = []
     cfg = policy.config
     while rec["steps"] < max_steps and rec["first_success"] is None:
         inputs = processor({"images": {}, "state": obs["state"][None], "prompt": [obs["prompt"]]})
@@ -47,6 +53,8 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=generator)
         with torch.no_grad():
             chunk = processor.unnormalize_actions(policy.sample_actions(inputs, noise=noise, num_steps=num_steps))
+        if trace:
+            rec["trace"].append(chunk_trace(rec["steps"], raw, obs["state"], chunk[0], processor))
         for action in np.asarray(chunk[0, :n_exec]):
             obs, _, terminated, truncated, _ = env.step(action)
             step, done = rec["steps"], terminated or truncated
@@ -69,6 +77,23 @@ def run_episode(env, policy, processor, seed: int, max_steps: int, n_exec: int, 
     for key in ("goal_dists", "grasped", "cube_z"):  # per-step traces: only for the classification
         del rec[key]
     return rec
+
+
+def chunk_trace(step: int, raw, state: np.ndarray, chunk, processor) -> dict:
+    """One chunk as the env sees it: goal - cube (cm), the first commanded action's xyz (mm per step;
+    pd_ee_delta_pose: 1.0 = 0.1 m) and gripper, whether the cube is held, and the normalised relative
+    dims (goal - cube, 39-41) as computed and as the policy got them after the clip."""
+    from vla.normalize import normalize, normalize_unclipped
+
+    stats = processor.norm_stats["state"]
+    seen = normalize(state, stats, processor.norm_mode)
+    unclipped = normalize_unclipped(state, stats, stats.resolved_mode(processor.norm_mode))
+    first = np.asarray(chunk[0], dtype=np.float64)
+    return {"step": step, "grasped": bool(raw.evaluate()["is_grasped"][0]),
+            "goal_minus_cube_cm": [round(float(v) * 100, 2) for v in raw.goal_site.pose.p[0] - raw.cube.pose.p[0]],
+            "action_xyz_mm": [round(float(v) * 100, 2) for v in first[:3]], "gripper": round(float(first[6]), 3),
+            "goal_minus_cube_normalised": [round(float(v), 3) for v in unclipped[GOAL_MINUS_CUBE]],
+            "goal_minus_cube_seen": [round(float(v), 3) for v in seen[GOAL_MINUS_CUBE]]}
 
 
 def failure_kind(rec: dict, limit: int = 100) -> str | None:
@@ -136,6 +161,15 @@ def is_edge(rec: dict) -> bool:
     return max(abs(v) for v in rec["cube_xy"]) >= EDGE
 
 
+def print_trace(label: str, rec: dict) -> None:
+    print(f"{label} seed {rec['seed']}: {rec['failure'] or 'success'}, goal z {rec['goal_z']:.3f} m")
+    print("  step held  goal-cube (cm)          action xyz (mm/step)   grip   goal-cube normalised (seen)")
+    for t in rec["trace"]:
+        print(f"  {t['step']:4d} {int(t['grasped']):4d}  {str(t['goal_minus_cube_cm']):23s} "
+              f"{str(t['action_xyz_mm']):22s} {t['gripper']:+.2f}  {t['goal_minus_cube_normalised']} "
+              f"({t['goal_minus_cube_seen']})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", default=[str(ROOT / "assets" / "pickcube_tiny_sft")])
@@ -145,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=max(HORIZONS))
     parser.add_argument("--n-exec", type=int, default=5)
     parser.add_argument("--num-steps", type=int, default=4)
+    parser.add_argument("--trace", type=int, nargs="*", default=[],
+                        help="episode indices whose per-chunk trace (env units) is printed and kept in the JSON")
     parser.add_argument("--out", default=str(RESULTS / "failure_modes"))
     args = parser.parse_args(argv)
     labels = args.labels or [Path(c).name for c in args.checkpoints]
@@ -167,7 +203,10 @@ def main(argv=None) -> None:
             policy.eval()
             processor = processor_for(checkpoint, {})
             records = [run_episode(env, policy, processor, args.seed + i, args.max_steps, args.n_exec,
-                                   args.num_steps) for i in range(args.episodes)]
+                                   args.num_steps, trace=i in args.trace) for i in range(args.episodes)]
+            for rec in records:
+                if "trace" in rec:
+                    print_trace(label, rec)
             results[label] = {"checkpoint": str(checkpoint), "summary": summarize(records), "episodes": records}
             print(label, json.dumps(results[label]["summary"]), flush=True)
     finally:

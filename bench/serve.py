@@ -107,6 +107,8 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--state-dim", type=int, default=42)
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="the server's torch intra-op threads (a batch of 16 can use a second core; one row cannot)")
     p.add_argument("--critic", default=None, help="also serve QGF-guided (guidance=qgf critic=DIR)")
     p.add_argument("--qgf-weight", type=float, default=10.0, help="the guidance weight chosen by bench/guidance.py")
     p.add_argument("--out", default=str(RESULTS / "serve"))
@@ -120,7 +122,8 @@ def main() -> int:
         modes += [("batching", args.max_batch, guided), ("one-at-a-time", 1, guided)]
     for mode, max_batch, (sampler, overrides) in modes:
         proc, url = start_server(args.checkpoint, max_batch,
-                                 [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}", *overrides])
+                                 [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}",
+                                  f"torch_threads={args.torch_threads}", *overrides])
         try:
             for n in args.clients:
                 before = server_stats(url)
@@ -153,13 +156,13 @@ def main() -> int:
                           "(its p50)"}
     meta = {"checkpoint": args.checkpoint, "num_steps": args.num_steps, "max_batch": args.max_batch,
             "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+            "cpus": os.cpu_count(), "torch_threads": args.torch_threads,
             "load_avg_at_end": os.getloadavg(),
             "critic": args.critic}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "target": target, "rows": rows}, indent=2))
     lines = [f"# Policy server: throughput and latency vs concurrent clients\n",
              f"`python bench/serve.py` on {args.checkpoint} (K={args.num_steps}), server in its own process "
-             f"(torch threads {meta['omp_threads']}), {meta['cpus']} shared CPU cores, asyncio clients in closed loop, "
+             f"(torch threads {args.torch_threads}), {meta['cpus']} shared CPU cores, asyncio clients in closed loop, "
              f"{args.duration:.0f} s per point after {args.warmup:.0f} s warm-up; batching = max_batch "
              f"{args.max_batch}, max_wait {args.max_wait_ms} ms. Load average at the end: "
              f"{meta['load_avg_at_end'][0]:.1f}.\n",

@@ -34,7 +34,7 @@ LIBERO_SUITES: dict[str, int] = {
     "libero_90": 400,
 }
 
-REWARD_MODES = ("sparse", "normalized_dense", "dense", "shaped_diff", "dense_diff")
+REWARD_MODES = ("sparse", "normalized_dense", "dense", "shaped_diff", "dense_diff", "shaped_dense_diff")
 CONTROL_MODES = ("pd_ee_delta_pose", "pd_joint_delta_pos", "pd_ee_delta_pos", "pd_joint_pos")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .base import EnvSpec, PoolBackend, VLAEnv
 from .config import ManiSkillConfig
-from .rewards import DifferencedPotential, DifferencedShapedReward
+from .rewards import DENSE_WEIGHT, DifferencedPotential, DifferencedShapedReward
 from .workers import SubprocEnvPool, freeze_gc_after_imports
 
 
@@ -58,8 +58,9 @@ def check_assets(task: str) -> None:
 
 def _ms_reward_mode(reward_mode: str) -> str:
     # The differenced stage reward is computed here from info; ManiSkill's cheapest mode suffices.
-    # dense_diff differences ManiSkill's normalized dense reward, so it asks for that.
-    return {"shaped_diff": "sparse", "dense_diff": "normalized_dense"}.get(reward_mode, reward_mode)
+    # dense_diff (and shaped_dense_diff) difference ManiSkill's normalized dense reward, so they ask for it.
+    return {"shaped_diff": "sparse", "dense_diff": "normalized_dense",
+            "shaped_dense_diff": "normalized_dense"}.get(reward_mode, reward_mode)
 
 
 def make_kwargs(cfg: ManiSkillConfig, num_envs: int, render_frames: bool) -> dict[str, Any]:
@@ -235,6 +236,9 @@ class ManiSkillSingleEnv:
             reward = self.shaper(out_info["is_grasped"], out_info["success"])
         elif self.cfg.reward_mode == "dense_diff":
             reward = self.differ(float(reward))
+        elif self.cfg.reward_mode == "shaped_dense_diff":
+            reward = (self.shaper(out_info["is_grasped"], out_info["success"])
+                      + DENSE_WEIGHT * self.differ(float(reward)))
         return self.obs_adapter(raw), float(reward), bool(terminated), bool(truncated), out_info
 
     @_in_grad_context
@@ -384,6 +388,10 @@ class ManiSkillGPUBackend:
         elif self.cfg.reward_mode == "dense_diff":
             # Envs outside step_envs got a zero action; their potential is reset with them.
             reward = self.differ(reward.float())
+        elif self.cfg.reward_mode == "shaped_dense_diff":
+            grasped = info.get("is_grasped", torch.zeros_like(terminated))
+            reward = (self.shaper(grasped.bool(), info["success"].bool()).float()
+                      + DENSE_WEIGHT * self.differ(reward.float()))
         per_env = self._split(raw, info)
         reward_np = reward.detach().float().cpu().numpy().reshape(-1)
         term_np = terminated.detach().cpu().numpy().reshape(-1)

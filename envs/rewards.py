@@ -14,12 +14,21 @@ phi at the last step: 1 for a success, partial credit for a failure by how far i
 the object, object grasped, object near the goal). Returns stay O(1) for PPO's value clip, while every
 step that moves the gripper toward the object or the held object toward the goal pays at once: a
 per-step signal where the stage potential above pays only at grasp and success.
+
+`shaped_dense_diff` differences the sum of the two potentials, the dense one weighted by
+`DENSE_WEIGHT` (0.2): phi_t = shaped phi_t + 0.2 * dense phi_t. On PickCube a held cube 3-5 cm from
+the goal has dense phi ~0.55-0.57 (reaching ~1, grasped 1, place 0.75-0.86, out of 5), so a near miss
+ends at ~0.31 against 1.4 for a success, where under `dense_diff` alone it ends at ~0.56 against 1: most
+of the contrast that decides the last failures gone. And a policy that holds the cube past the goal,
+where no sampled rollout succeeds and the stage potential gives no signal at all, is still paid for
+every millimetre back towards it (`bench/results/failure_modes_v5_replay_200.md`).
 """
 from __future__ import annotations
 
 GRASP_WEIGHT = 0.1
 STILL_GRASPED_WEIGHT = 0.1
 SUCCESS_WEIGHT = 1.0
+DENSE_WEIGHT = 0.2  # shaped_dense_diff: weight of ManiSkill's normalized dense potential
 
 
 def shaped_potential(grasped, prev_grasped, success):
@@ -62,3 +71,4 @@ class DifferencedShapedReward(DifferencedPotential):
         reward = super().__call__(shaped_potential(grasped, self.prev_grasped, success))
         self.prev_grasped = grasped
         return reward
+

@@ -226,6 +226,31 @@ def test_dense_diff_reward_is_the_differenced_normalized_dense_reward():
         diff.close()
 
 
+def test_shaped_dense_diff_is_the_stage_reward_plus_the_weighted_dense_one():
+    from envs.config import ManiSkillConfig
+    from envs.maniskill import ManiSkillSingleEnv
+    from envs.rewards import DENSE_WEIGHT
+
+    def make(mode):
+        return ManiSkillSingleEnv(ManiSkillConfig.from_dict(dict(
+            task="PickCube-v1", num_envs=1, obs_mode="state", reward_mode=mode, max_episode_steps=50)))
+
+    envs = {mode: make(mode) for mode in ("shaped_diff", "dense_diff", "shaped_dense_diff")}
+    rng = np.random.default_rng(1)
+    try:
+        for seed in (5, 6):
+            for env in envs.values():
+                env.reset(seed)
+            for _ in range(12):
+                action = rng.uniform(-1, 1, size=7).astype(np.float32)
+                r = {mode: env.step(action)[1] for mode, env in envs.items()}
+                assert r["shaped_dense_diff"] == pytest.approx(r["shaped_diff"] + DENSE_WEIGHT * r["dense_diff"], abs=1e-6)
+        assert DENSE_WEIGHT == 0.2
+    finally:
+        for env in envs.values():
+            env.close()
+
+
 def test_task_needing_asset_download_fails_fast():
     started = time.time()
     with pytest.raises(AssetsMissingError, match="download_asset"):

@@ -163,7 +163,10 @@ def cmd_sft(argv: list[str]) -> int:
 
     data = compose("sft", argv)
     cfg = load_section(SFTConfig, data)
-    path = train_sft(cfg)
+    try:
+        path = train_sft(cfg)
+    finally:
+        leave_process_group()
     print(path)
     return 0
 
@@ -366,12 +369,12 @@ def cmd_critic(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"pirl {err}" if str(err).startswith("critic:") else f"pirl critic: {err}") from None
     finally:
-        _leave_process_group()
+        leave_process_group()
     print(out)
     return 0
 
 
-def _leave_process_group() -> None:
+def leave_process_group() -> None:
     """A torchrun / accelerate rank that exits with gloo's threads still alive can abort at interpreter
     shutdown ("terminate called without an active exception"): leave the group before exiting."""
     import torch.distributed as dist

@@ -7,7 +7,8 @@ Both give the same VLAEnv API (envs.base). What an env returns:
   obs_mode "rgb":   images = the config's cameras at config.image_size; state = the concatenation of
                     config.state_keys ("agent/qpos", "extra/tcp_pose", ...).
 Rewards: "sparse", "dense", "normalized_dense" (ManiSkill's own), "shaped_diff" (πRL's differenced
-stage reward) or "dense_diff" (ManiSkill's normalized dense reward, differenced): envs.rewards.
+stage reward), "dense_diff" (ManiSkill's normalized dense reward, differenced) or "shaped_dense_diff"
+(both potentials, the dense one weighted 0.2): envs.rewards.differenced_reward, for both backends.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from .base import EnvSpec, PoolBackend, VLAEnv
 from .config import ManiSkillConfig
-from .rewards import DENSE_WEIGHT, DifferencedPotential, DifferencedShapedReward
+from .rewards import DifferencedPotential, DifferencedShapedReward, differenced_reward
 from .workers import SubprocEnvPool, freeze_gc_after_imports
 
 
@@ -232,13 +233,8 @@ class ManiSkillSingleEnv:
             raise ValueError(f"{self.cfg.task}: action shape {action.shape} != ({self.action_dim},)")
         raw, reward, terminated, truncated, info = self.env.step(action)
         out_info = self._info(info)
-        if self.cfg.reward_mode == "shaped_diff":
-            reward = self.shaper(out_info["is_grasped"], out_info["success"])
-        elif self.cfg.reward_mode == "dense_diff":
-            reward = self.differ(float(reward))
-        elif self.cfg.reward_mode == "shaped_dense_diff":
-            reward = (self.shaper(out_info["is_grasped"], out_info["success"])
-                      + DENSE_WEIGHT * self.differ(float(reward)))
+        reward = differenced_reward(self.cfg.reward_mode, self.shaper, self.differ, out_info["is_grasped"],
+                                    out_info["success"], float(reward))
         return self.obs_adapter(raw), float(reward), bool(terminated), bool(truncated), out_info
 
     @_in_grad_context
@@ -382,16 +378,11 @@ class ManiSkillGPUBackend:
         raw, reward, terminated, truncated, info = self.env.step(full)
         if not self.cfg.terminate_on_success:
             terminated = torch.zeros_like(terminated)
-        if self.cfg.reward_mode == "shaped_diff":
-            grasped = info.get("is_grasped", torch.zeros_like(terminated))
-            reward = self.shaper(grasped.bool(), info["success"].bool())
-        elif self.cfg.reward_mode == "dense_diff":
-            # Envs outside step_envs got a zero action; their potential is reset with them.
-            reward = self.differ(reward.float())
-        elif self.cfg.reward_mode == "shaped_dense_diff":
-            grasped = info.get("is_grasped", torch.zeros_like(terminated))
-            reward = (self.shaper(grasped.bool(), info["success"].bool()).float()
-                      + DENSE_WEIGHT * self.differ(reward.float()))
+        if self.cfg.reward_mode.endswith("_diff"):
+            # Envs outside step_envs got a zero action; their potentials are reset with them.
+            grasped = info.get("is_grasped", torch.zeros_like(terminated)).bool()
+            reward = differenced_reward(self.cfg.reward_mode, self.shaper, self.differ, grasped,
+                                        info["success"].bool(), reward.float())
         per_env = self._split(raw, info)
         reward_np = reward.detach().float().cpu().numpy().reshape(-1)
         term_np = terminated.detach().cpu().numpy().reshape(-1)

@@ -72,3 +72,16 @@ class DifferencedShapedReward(DifferencedPotential):
         self.prev_grasped = grasped
         return reward
 
+
+def differenced_reward(mode: str, shaper: DifferencedShapedReward, differ: DifferencedPotential, grasped, success,
+                       env_reward):
+    """One step's reward for the differenced modes (`shaped_diff`, `dense_diff`, `shaped_dense_diff`),
+    from the env's is_grasped / success flags and its own (normalized dense) reward; any other mode
+    returns the env's reward. Works per env (bool, float) and per batch (tensors), for every backend."""
+    if mode == "shaped_diff":
+        return shaper(grasped, success)
+    if mode == "dense_diff":
+        return differ(env_reward)
+    if mode == "shaped_dense_diff":
+        return shaper(grasped, success) + DENSE_WEIGHT * differ(env_reward)
+    return env_reward

@@ -8,9 +8,10 @@ run the success of each checkpoint with its 95% interval, the mean of the last t
 target of the learning issue), and paired comparisons on the same seeds and noises: each recipe's
 finals against the start and against the first recipe's finals (same run seed), pooled over seeds.
 
-    python3 bench/heldout.py \\
-        --runs shaped_diff=runs/bench_v5_replay/flow_sde_seed0 shaped_diff=runs/bench_v5_replay/flow_sde_seed1 \\
-               shaped_dense_diff=runs/bench_v5_sdense/flow_sde_seed0 ... --out bench/results/heldout_v5
+    python3 bench/heldout.py --runs shaped_diff=runs/bench_v5_replay/flow_sde_seed{0,1,2} \\
+        shaped_dense_diff=runs/bench_v5_sdense/flow_sde_seed{0,1,2} --out bench/results/heldout_v5
+
+(the shell expands each brace into three LABEL=RUN_DIR arguments; the first label is the baseline).
 
 Each evaluation is kept under --work (default runs/heldout/) and reused when the script runs again.
 Writes OUT.json and OUT.md.

@@ -28,14 +28,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pirl.algos.stats import paired_counts, sign_test_p, wilson_interval  # noqa: E402
+from pirl.train.rl import load_episode_outcomes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.90  # the learning issue's durable level: mean of the last three evaluations
-
-
-def outcomes(results_json: Path) -> dict:
-    data = json.loads(results_json.read_text())
-    return {int(e["seed"]): bool(e["success"]) for e in data["per_episode"]}
 
 
 def evaluate(checkpoint: str, out: Path, episodes: int, seed: int, num_envs: int) -> dict:
@@ -47,7 +43,7 @@ def evaluate(checkpoint: str, out: Path, episodes: int, seed: int, num_envs: int
                           f"num_envs={num_envs}", f"output_dir={out}"])
         if code:
             raise SystemExit(f"bench/heldout.py: pirl eval {checkpoint} exited with {code}")
-    return outcomes(results)
+    return load_episode_outcomes(results)
 
 
 def last_checkpoints(run_dir: Path, count: int) -> list[Path]:

@@ -11,20 +11,13 @@ episodes moves by about ±5 points with the noises alone; the discordant episode
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from pirl.algos.stats import paired_counts, sign_test_p, wilson_interval  # noqa: E402
-
-
-def outcomes(path: str) -> dict:
-    """seed -> success of one `pirl eval` results.json (or the directory holding it)."""
-    file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
-    data = json.loads(file.read_text())
-    return {int(e["seed"]): bool(e["success"]) for e in data["per_episode"]}
+from pirl.train.rl import load_episode_outcomes as outcomes  # noqa: E402
 
 
 def compare(mine: dict, base: dict) -> dict:

@@ -121,6 +121,19 @@ def test_replay_share_is_checked():
         RLConfig.from_dict({"run": {"replay_failures": -0.1}, "env": {"simulator": "toy"}})
 
 
+def test_an_evaluation_file_reads_back_seed_by_seed(tmp_path):
+    """The in-loop evaluation files and `pirl eval`'s results.json are what bench/paired.py and
+    bench/heldout.py compare: the reader returns exactly the written outcomes, from the file or its folder."""
+    from pirl.train.rl import load_episode_outcomes, save_episodes
+    rows = [{"seed": 10_000 + i, "success": i % 3 == 0, "return": 0.5, "length": 100} for i in range(7)]
+    save_episodes(tmp_path / "evals" / "iter_000009.json", {"successes": 3, "per_episode": rows})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"per_episode": rows[::-1]}))
+    expected = {10_000 + i: i % 3 == 0 for i in range(7)}
+    assert load_episode_outcomes(tmp_path / "evals" / "iter_000009.json") == expected
+    assert load_episode_outcomes(tmp_path / "eval") == expected
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray

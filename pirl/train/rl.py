@@ -678,6 +678,13 @@ def save_episodes(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_episode_outcomes(path) -> dict[int, bool]:
+    """seed -> success of one evaluation file (`save_episodes`, or `pirl eval`'s results.json, or the
+    directory holding it): what `bench/paired.py` and `bench/heldout.py` compare seed by seed."""
+    file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+    return {int(e["seed"]): bool(e["success"]) for e in json.loads(file.read_text())["per_episode"]}
+
+
 def eval_metrics(result: dict) -> dict:
     return {"eval_success_rate": result["success_rate"], "eval_success_ci95": result["success_ci95"],
             "eval_episodes": result["episodes"], "eval_successes": result["successes"],

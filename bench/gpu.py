@@ -130,6 +130,13 @@ def part_matmul(device: torch.device, dry: bool) -> dict:
     return {"n": n, "dtype": str(dtype), "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
 
 
+def graph_recorder(device: torch.device):
+    """CUDA graphs on a GPU; on the CPU (dry run) `EagerRecorder`, which checks the plumbing around them."""
+    from vla.graphs import EagerRecorder
+
+    return None if device.type == "cuda" else EagerRecorder
+
+
 def part_latency(name: str, device: torch.device, dtype: str, batches: list[int], steps: int, repeats: int,
                  peak_tflops: float | None, recompute_batch: int) -> list[dict]:
     policy = build_policy(name, device, dtype)
@@ -154,6 +161,24 @@ def part_latency(name: str, device: torch.device, dtype: str, batches: list[int]
         if peak_tflops:
             row["floor_ms"] = flops / (peak_tflops * 1e12) * 1e3
             row["ratio_to_floor"] = ms / row["floor_ms"]
+        # the same chunk replayed from CUDA graphs (`FlowPolicy.use_cuda_graphs`): first call = capture
+        with torch.no_grad():
+            eager_actions = chunk()
+            policy.use_cuda_graphs(recorder_factory=graph_recorder(device))
+            reset_peak(device)
+            sync(device)
+            start = time.perf_counter()
+            graphed_actions = chunk()
+            sync(device)
+            row["graphs_capture_ms"] = 1e3 * (time.perf_counter() - start)
+            row["graphs_chunk_ms"] = median_ms(chunk, device, repeats)
+            row["graphs_prefix_ms"] = median_ms(prefix_only, device, repeats)
+            row["graphs_max_diff"] = (graphed_actions.float() - eager_actions.float()).abs().max().item()
+            row["graphs_peak_memory_mb"] = peak_mb(device)
+            policy.use_cuda_graphs(False)
+        row["graphs_speedup"] = ms / row["graphs_chunk_ms"]
+        if peak_tflops:
+            row["graphs_ratio_to_floor"] = row["graphs_chunk_ms"] / row["floor_ms"]
         if b == recompute_batch:
             with torch.no_grad():
                 row["recompute_ms"] = median_ms(lambda: sample_recompute(policy, inputs, noise, steps), device,
@@ -161,7 +186,9 @@ def part_latency(name: str, device: torch.device, dtype: str, batches: list[int]
             row["prefix_cache_speedup"] = row["recompute_ms"] / ms
         rows.append(row)
         print(f"  latency {name} b={b}: {ms:.1f} ms/chunk, prefix {prefix_ms:.1f} ms, {flops / 1e9:.0f} GFLOP"
-              + (f", {row['ratio_to_floor']:.1f}x floor" if peak_tflops else ""), flush=True)
+              + (f", {row['ratio_to_floor']:.1f}x floor" if peak_tflops else "")
+              + f"; CUDA graphs {row['graphs_chunk_ms']:.1f} ms/chunk ({row['graphs_speedup']:.2f}x), "
+              f"max diff {row['graphs_max_diff']:.1e}", flush=True)
     del policy
     return rows
 
@@ -198,16 +225,24 @@ def part_transformers(name: str, device: torch.device, dtype: str, batches: list
         theirs_fn = lambda: reference.sample_actions(noise=noise.to(hf_kwargs["pixel_values"].dtype), num_steps=steps, **hf_kwargs)  # noqa: E731
         with torch.no_grad():
             diff = (ours_fn().float() - theirs_fn().float()).abs().max().item()
-            ours, theirs = [], []
-            for _ in range(repeats):  # interleaved, so clock changes hit both alike
+            policy.use_cuda_graphs(recorder_factory=graph_recorder(device))
+            graphs, policy.graphs = policy.graphs, None
+            ours, theirs, ours_graphed = [], [], []
+            for _ in range(repeats):  # interleaved, so clock changes hit all alike
                 ours.append(median_ms(ours_fn, device, 1, warmup=0 if ours else 2))
                 theirs.append(median_ms(theirs_fn, device, 1, warmup=0 if theirs else 2))
+                policy.graphs = graphs
+                ours_graphed.append(median_ms(ours_fn, device, 1, warmup=0 if ours_graphed else 2))
+                policy.graphs = None
         row = {"config": name, "dtype": dtype, "batch": b, "K": steps, "pirl_ms": statistics.median(ours),
-               "transformers_ms": statistics.median(theirs), "max_action_diff": diff}
+               "transformers_ms": statistics.median(theirs), "max_action_diff": diff,
+               "pirl_graphs_ms": statistics.median(ours_graphed)}
         row["latency_ratio"] = row["pirl_ms"] / row["transformers_ms"]
+        row["graphs_latency_ratio"] = row["pirl_graphs_ms"] / row["transformers_ms"]
         rows.append(row)
         print(f"  transformers PI0 {name} b={b}: pirl {row['pirl_ms']:.1f} ms, transformers "
-              f"{row['transformers_ms']:.1f} ms ({row['latency_ratio']:.2f}x), max diff {diff:.2e}", flush=True)
+              f"{row['transformers_ms']:.1f} ms ({row['latency_ratio']:.2f}x), pirl with CUDA graphs "
+              f"{row['pirl_graphs_ms']:.1f} ms ({row['graphs_latency_ratio']:.2f}x), max diff {diff:.2e}", flush=True)
     return rows
 
 
@@ -374,10 +409,25 @@ def to_markdown(r: dict) -> str:
                          f"| {fmt(row.get('ratio_to_floor'))} | {fmt(row.get('recompute_ms'))} "
                          f"| {fmt(row.get('prefix_cache_speedup'), '.2f')} | {fmt(row['peak_memory_mb'], '.0f')} |")
         lines.append("")
-    table(lines, r.get("transformers_pi0"), "pirl against transformers' PI0 (same weights, inputs and noise; chunk latency):",
-          ["config", "dtype", "batch", "K", "pirl (ms)", "transformers (ms)", "ratio", "max action diff"],
+        if "graphs_chunk_ms" in rows[0]:
+            lines += [f"The same chunks replayed from CUDA graphs (`FlowPolicy.use_cuda_graphs`: the prefix pass and "
+                      "the expert step, one graph each per batch size; actions against the eager chunk's):", "",
+                      "| batch | eager chunk (ms) | graphed chunk (ms) | speedup | graphed prefix (ms) | x floor "
+                      "| capture, first chunk (ms) | max action diff | peak memory (MB) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for row in rows:
+                lines.append(f"| {row['batch']} | {row['chunk_ms']:.1f} | {row['graphs_chunk_ms']:.1f} "
+                             f"| {row['graphs_speedup']:.2f} | {row['graphs_prefix_ms']:.1f} "
+                             f"| {fmt(row.get('graphs_ratio_to_floor'))} | {row['graphs_capture_ms']:.0f} "
+                             f"| {row['graphs_max_diff']:.1e} | {fmt(row['graphs_peak_memory_mb'], '.0f')} |")
+            lines.append("")
+    table(lines, r.get("transformers_pi0"), "pirl against transformers' PI0 (same weights, inputs and noise; chunk "
+          "latency; the three timed alternately):",
+          ["config", "dtype", "batch", "K", "pirl (ms)", "transformers (ms)", "ratio", "pirl, CUDA graphs (ms)",
+           "ratio", "max action diff"],
           lambda x: [x["config"], x["dtype"], x["batch"], x["K"], f"{x['pirl_ms']:.1f}", f"{x['transformers_ms']:.1f}",
-                     f"{x['latency_ratio']:.2f}", f"{x['max_action_diff']:.1e}"])
+                     f"{x['latency_ratio']:.2f}", fmt(x.get("pirl_graphs_ms")), fmt(x.get("graphs_latency_ratio"), ".2f"),
+                     f"{x['max_action_diff']:.1e}"])
     table(lines, r.get("guidance"), "Guided sampling (`pirl.guidance`) with a known quadratic Q, per chunk of the batch:",
           ["config", "batch", "K", "method", "w", "N", "ms", "x plain", "mean Q", "finite"],
           lambda x: [x["config"], x["batch"], x["K"], x["method"], x["weight"], x["n"], f"{x['ms']:.1f}",
@@ -418,30 +468,35 @@ def main(argv=None) -> dict:
     results: dict = {"device_name": name, "torch": torch.__version__, "spec_peak_tflops": peak, "dry_run": dry,
                      "_device": device}
     print(f"bench/gpu.py on {name}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def part(key: str, fn) -> None:
+        run_part(results, key, fn)
+        # written after every part: a run stopped by its time limit keeps what it measured
+        saved = {k: v for k, v in results.items() if k != "_device"}
+        out.with_suffix(".json").write_text(json.dumps(saved, indent=2, default=str))
+        out.with_suffix(".md").write_text(to_markdown(saved))
+
     if "matmul" in args.parts:
-        run_part(results, "matmul", lambda: part_matmul(device, dry))
+        part("matmul", lambda: part_matmul(device, dry))
     if "latency" in args.parts:
-        run_part(results, "latency_pi0", lambda: part_latency(pi0, device, dtype, batches, args.steps, repeats, peak,
-                                                                 batches[-1] if dry else 8))
-        run_part(results, "latency_pi05", lambda: part_latency(pi05, device, dtype, batches, args.steps, repeats, peak,
-                                                                  batches[-1] if dry else 8))
+        part("latency_pi0", lambda: part_latency(pi0, device, dtype, batches, args.steps, repeats, peak,
+                                                 batches[-1] if dry else 8))
+        part("latency_pi05", lambda: part_latency(pi05, device, dtype, batches, args.steps, repeats, peak,
+                                                  batches[-1] if dry else 8))
     if "transformers" in args.parts:
-        run_part(results, "transformers_pi0", lambda: part_transformers(pi0, device, dtype, [1, 8] if not dry else [2],
-                                                                         args.steps, repeats))
+        part("transformers_pi0", lambda: part_transformers(pi0, device, dtype, [1, 8] if not dry else [2],
+                                                           args.steps, repeats))
     if "guidance" in args.parts:
-        run_part(results, "guidance", lambda: part_guidance(pi0, device, dtype, 2 if dry else 8, args.steps,
-                                                            repeats))
+        part("guidance", lambda: part_guidance(pi0, device, dtype, 2 if dry else 8, args.steps, repeats))
     if "profile" in args.parts:
-        run_part(results, "profile_pi0", lambda: part_profile(pi0, device, dtype, args.steps, Path(args.out)))
+        part("profile_pi0", lambda: part_profile(pi0, device, dtype, args.steps, Path(args.out)))
     if "ppo" in args.parts:
         cases = [(2, "expert", "hybrid"), (2, "all", "hybrid")] if dry else [
             (32, "expert", "hybrid"), (128, "expert", "hybrid"), (32, "expert", "all"), (32, "all", "hybrid")]
-        run_part(results, "ppo", lambda: part_ppo(pi0, device, dtype, cases, args.ppo_steps, max(3, repeats // 2)))
+        part("ppo", lambda: part_ppo(pi0, device, dtype, cases, args.ppo_steps, max(3, repeats // 2)))
     results.pop("_device")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
-    out.with_suffix(".md").write_text(to_markdown(results))
     print(to_markdown(results))
     return results
 

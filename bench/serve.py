@@ -1,6 +1,8 @@
 """Policy server throughput and latency vs concurrent clients, with and without dynamic batching.
 
     python bench/serve.py [--duration 8] [--clients 1 4 16 64] [--checkpoint assets/pickcube_tiny_sft_v3]
+    python bench/serve.py --device cuda --out bench/results/serve_gpu     # on a GPU (bf16, CUDA graphs)
+    python bench/serve.py --device cuda --server-args cuda_graphs=false    # ... without CUDA graphs
 
 The server runs as `pirl serve` in its own process (as in deployment); clients are asyncio websocket
 connections in this process, each in a closed loop (send an observation, wait for the actions, repeat)
@@ -109,6 +111,8 @@ def main() -> int:
     p.add_argument("--state-dim", type=int, default=42)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="the server's torch intra-op threads (a batch of 16 can use a second core; one row cannot)")
+    p.add_argument("--device", default="cpu", help="the server's device (cuda: bf16, CUDA graphs unless turned off)")
+    p.add_argument("--server-args", nargs="*", default=[], help="more `pirl serve` overrides, e.g. cuda_graphs=false")
     p.add_argument("--critic", default=None, help="also serve QGF-guided (guidance=qgf critic=DIR)")
     p.add_argument("--qgf-weight", type=float, default=10.0, help="the guidance weight chosen by bench/guidance.py")
     p.add_argument("--out", default=str(RESULTS / "serve"))
@@ -123,7 +127,8 @@ def main() -> int:
     for mode, max_batch, (sampler, overrides) in modes:
         proc, url = start_server(args.checkpoint, max_batch,
                                  [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}",
-                                  f"torch_threads={args.torch_threads}", *overrides])
+                                  f"torch_threads={args.torch_threads}", f"device={args.device}", *args.server_args,
+                                  *overrides])
         try:
             for n in args.clients:
                 before = server_stats(url)
@@ -158,11 +163,17 @@ def main() -> int:
             "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "python": platform.python_version(),
             "cpus": os.cpu_count(), "torch_threads": args.torch_threads,
             "load_avg_at_end": os.getloadavg(),
-            "critic": args.critic}
+            "critic": args.critic, "device": args.device, "server_args": args.server_args}
+    if args.device.startswith("cuda"):
+        import torch
+
+        meta["device_name"] = torch.cuda.get_device_name(0)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "target": target, "rows": rows}, indent=2))
+    where = (f"on {meta['device_name']} ({' '.join(args.server_args) or 'CUDA graphs on'}), {meta['cpus']} CPU cores"
+             if "device_name" in meta else f"{meta['cpus']} shared CPU cores")
     lines = [f"# Policy server: throughput and latency vs concurrent clients\n",
              f"`python bench/serve.py` on {args.checkpoint} (K={args.num_steps}), server in its own process "
-             f"(torch threads {args.torch_threads}), {meta['cpus']} shared CPU cores, asyncio clients in closed loop, "
+             f"(torch threads {args.torch_threads}), {where}, asyncio clients in closed loop, "
              f"{args.duration:.0f} s per point after {args.warmup:.0f} s warm-up; batching = max_batch "
              f"{args.max_batch}, max_wait {args.max_wait_ms} ms. Load average at the end: "
              f"{meta['load_avg_at_end'][0]:.1f}.\n",

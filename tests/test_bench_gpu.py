@@ -24,11 +24,20 @@ def test_gpu_benchmark_dry_run_covers_every_part(tmp_path):
     assert {r["batch"] for r in model["latency_pi0"]} == {1, 2}
     assert all(r["gflops_per_chunk"] > 0 for r in model["latency_pi0"])  # the FLOP counter saw the model
     assert model["latency_pi0"][-1]["prefix_cache_speedup"] > 0
+    # graphed chunks (CPU: EagerRecorder) give the eager chunk's actions exactly
+    assert all(r["graphs_max_diff"] == 0 and r["graphs_chunk_ms"] > 0 for r in model["latency_pi0"] + model["latency_pi05"])
+    assert model["transformers_pi0"][0]["pirl_graphs_ms"] > 0
     assert model["transformers_pi0"][0]["max_action_diff"] < 1e-4  # same weights and noise, fp32
     assert {r["method"] for r in model["guidance"]} >= {"none", "qgf", "bptt", "best_of_n"}
     assert all(r["finite"] for r in model["guidance"])
     assert {(r["trainable"], r["mask"]) for r in model["ppo"]} == {("expert", "hybrid"), ("all", "hybrid")}
     md = (tmp_path / "gpu.md").read_text()
     assert "Chunk latency, π0" in md and "transformers' PI0" in md and "PPO optimizer step" in md
+    assert "replayed from CUDA graphs" in md
+    for name in ("serve_gpu", "serve_gpu_eager"):  # the server part, CUDA graphs on and off
+        served = json.loads((tmp_path / f"{name}.json").read_text())
+        assert {(r["mode"], r["clients"]) for r in served["rows"]} == {
+            (m, n) for m in ("batching", "one-at-a-time") for n in (1, 2)}
+    assert "cuda_graphs=false" in json.loads((tmp_path / "serve_gpu_eager.json").read_text())["meta"]["server_args"]
     envs = json.loads((tmp_path / "gpu_envs.json").read_text())
     assert envs, "the ManiSkill part wrote nothing"

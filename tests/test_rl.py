@@ -297,3 +297,21 @@ def test_sampler_step_range_is_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match="sampler.mask_low / mask_high / window: window width 3 does not fit"):
         SamplerConfig(num_steps=4, mask="window", window=3, mask_low=-2)
     SamplerConfig(num_steps=4, mask="all", mask_low=7)  # the range only matters for hybrid / window
+
+
+def test_worker_device_is_checked_before_anything_runs():
+    from pirl.train.rl import ClusterConfig, place_worker_policy
+
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        ClusterConfig(worker_device="tpu")
+    with pytest.raises(ValueError, match="needs Ray workers with a GPU"):
+        ClusterConfig(worker_device="cuda")  # one process: the learner would share the moved agent
+    ClusterConfig(use_ray=True, worker_gpus=0.5, worker_device="cuda")  # valid; placed inside the worker
+
+    class Worker:
+        index, model = 3, None
+
+    place_worker_policy(Worker(), "cpu")  # nothing to do
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="rollout worker 3 sees no CUDA device"):
+            place_worker_policy(Worker(), "cuda")

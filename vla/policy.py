@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
 from vla.backbone import AdaptiveRMSNorm, KVCache, PaliGemmaWithExpert, Stream, block_attention
 from vla.config import ModelConfig
+from vla.graphs import GraphCache
 from vla.inputs import ModelInputs
 
 
@@ -117,6 +119,7 @@ class FlowPolicy(nn.Module):
         n_state = 0 if config.variant == "pi05" else 1
         blocks = [1] * n_state + [n_state + 1] * config.action_horizon
         self.register_buffer("suffix_blocks", torch.tensor(blocks, dtype=torch.long), persistent=False)
+        self._graphs: GraphCache | None = None  # `use_cuda_graphs`
 
     # -- precision ------------------------------------------------------------------------------
     @property
@@ -131,18 +134,69 @@ class FlowPolicy(nn.Module):
                 module.float()
         return self
 
+    # -- CUDA graphs ----------------------------------------------------------------------------
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 16, recorder_factory=None) -> "FlowPolicy":
+        """Replay the inference passes (prefix, expert step) from captured CUDA graphs (`vla.graphs`).
+
+        Only calls without gradients are replayed; training runs the same functions eagerly. One graph
+        per pass and input shape, captured at first use (a few warm-up calls); at most `max_graphs`.
+        Graphs read the weights in place, so `load_state_dict` and optimizer steps are seen; moving or
+        casting the policy (`.to`, `to_mixed_precision`) drops them. If a capture fails, the policy
+        says so once and runs eagerly from then on. `recorder_factory` replaces the CUDA recorder (tests).
+        """
+        if not enabled:
+            self._graphs = None
+            return self
+        if recorder_factory is None and self.action_in_proj.weight.device.type != "cuda":
+            raise ValueError("use_cuda_graphs: the policy is not on a CUDA device")
+        self._graphs = GraphCache(max_graphs, recorder_factory)
+        return self
+
+    @property
+    def graphs(self) -> GraphCache | None:
+        """The captured graphs (None: eager). Assigning a cache back turns the same graphs on again, so a
+        benchmark can alternate eager and graphed calls without capturing anew."""
+        return self._graphs
+
+    @graphs.setter
+    def graphs(self, cache: GraphCache | None) -> None:
+        self._graphs = cache
+
+    def _run(self, name: str, fn, tensors: list[Tensor]) -> list[Tensor]:
+        """fn(*tensors) -> tensors: replayed from a CUDA graph when graphs are on and no gradient is
+        needed, else called."""
+        graphs = self.graphs
+        if graphs is None or torch.is_grad_enabled():
+            return list(fn(*tensors))
+        try:
+            return graphs(name, fn, tensors)
+        except Exception as err:  # noqa: BLE001 - any capture failure leaves the eager path, which is exact
+            self._graphs = None
+            warnings.warn(f"CUDA graphs off for this policy ({name} pass: {type(err).__name__}: {err}); "
+                          "running eagerly", RuntimeWarning, stacklevel=3)
+            return list(fn(*tensors))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace the parameter tensors the graphs were recorded on.
+        if self.graphs is not None:
+            self.graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     # -- prefix ---------------------------------------------------------------------------------
-    def _embed_prefix_tokens(self, inputs: ModelInputs) -> tuple[Tensor, Tensor]:
+    def _embed_prefix_tokens(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor
+                             ) -> tuple[Tensor, Tensor]:
+        b, n_cams = image_masks.shape
+        backbone = self.paligemma_with_expert
+        embedded = backbone.embed_images(images.flatten(0, 1))  # [B*n, T, W]
+        embedded = embedded.reshape(b, n_cams * embedded.shape[1], embedded.shape[2])
+        tokens_per_image = embedded.shape[1] // n_cams
+        image_pad = image_masks[:, :, None].expand(b, n_cams, tokens_per_image).reshape(b, -1)
+        text = backbone.embed_tokens(tokens).to(embedded.dtype)
+        return torch.cat([embedded, text], 1), torch.cat([image_pad, token_masks], 1)
+
+    def _validate(self, inputs: ModelInputs) -> None:
         cfg = self.config
         inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.state_width)
-        b, n_cams = inputs.image_masks.shape
-        backbone = self.paligemma_with_expert
-        images = backbone.embed_images(inputs.images.flatten(0, 1))  # [B*n, T, W]
-        images = images.reshape(b, n_cams * images.shape[1], images.shape[2])
-        tokens_per_image = images.shape[1] // n_cams
-        image_pad = inputs.image_masks[:, :, None].expand(b, n_cams, tokens_per_image).reshape(b, -1)
-        text = backbone.embed_tokens(inputs.tokens).to(images.dtype)
-        return torch.cat([images, text], 1), torch.cat([image_pad, inputs.token_masks], 1)
 
     def embed_prefix(self, inputs: ModelInputs, hidden: bool = True) -> Prefix:
         """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call.
@@ -151,13 +205,32 @@ class FlowPolicy(nn.Module):
         (its attention, output projection and MLP make only the final hidden states, ~1/depth of the VLM's
         work) and `Prefix.hidden` is None. The keys/values are the same either way.
         """
-        embeds, pad = self._embed_prefix_tokens(inputs)
+        self._validate(inputs)
+        tensors = [inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks]
+        if hidden:
+            pad, hidden_states, *kv = self._run("prefix_hidden", self._prefix_pass_hidden, tensors)
+        else:
+            (pad, *kv), hidden_states = self._run("prefix", self._prefix_pass_kv, tensors), None
+        return Prefix(kv=tuple(zip(kv[0::2], kv[1::2], strict=True)), pad_mask=pad, hidden=hidden_states,
+                      state=inputs.state)
+
+    def _prefix_pass(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor, hidden: bool
+                     ) -> list[Tensor]:
+        """[pad mask, final hidden states (when `hidden`), keys and values of every layer]: tensors in and
+        out, so that a CUDA graph can replay it (`_run`)."""
+        embeds, pad = self._embed_prefix_tokens(images, image_masks, tokens, token_masks)
         positions = pad.long().cumsum(1) - 1
         blocks = torch.zeros_like(positions)
         attend = block_attention(pad, blocks, blocks)
         outputs, kv = self.paligemma_with_expert([Stream(embeds, 0)], positions, attend, keep_kv=True,
                                                  kv_only=not hidden)
-        return Prefix(kv=kv, pad_mask=pad, hidden=outputs[0] if hidden else None, state=inputs.state)
+        return [pad] + ([outputs[0]] if hidden else []) + [x for layer in kv for x in layer]
+
+    def _prefix_pass_hidden(self, *tensors: Tensor) -> list[Tensor]:
+        return self._prefix_pass(*tensors, hidden=True)
+
+    def _prefix_pass_kv(self, *tensors: Tensor) -> list[Tensor]:
+        return self._prefix_pass(*tensors, hidden=False)
 
     # -- suffix ---------------------------------------------------------------------------------
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -193,19 +266,26 @@ class FlowPolicy(nn.Module):
         """
         t = self._check_suffix_inputs(x_t, t, prefix.batch_size)
         state = prefix.state if state is None else state
+        kv = [x for layer in prefix.kv for x in layer]
+        velocity, hidden = self._run("expert", self._expert_pass, [x_t, t, prefix.pad_mask, state, *kv])
+        return ExpertOutput(velocity=velocity, hidden=hidden)
+
+    def _expert_pass(self, x_t: Tensor, t: Tensor, pad_mask: Tensor, state: Tensor, *kv: Tensor) -> list[Tensor]:
+        """[velocity, action-token hidden states] from the prefix's flattened keys / values (`_run`)."""
         suffix, cond = self.embed_suffix(state, x_t, t)
         b, n = suffix.shape[:2]
-        positions = prefix.pad_mask.long().sum(1, keepdim=True) + torch.arange(n, device=suffix.device)
+        positions = pad_mask.long().sum(1, keepdim=True) + torch.arange(n, device=suffix.device)
         blocks = self.suffix_blocks[None, :].expand(b, n)
-        prefix_blocks = torch.zeros_like(prefix.pad_mask, dtype=torch.long)
+        prefix_blocks = torch.zeros_like(pad_mask, dtype=torch.long)
         attend = block_attention(
-            torch.cat([prefix.pad_mask, torch.ones(b, n, dtype=torch.bool, device=suffix.device)], 1),
+            torch.cat([pad_mask, torch.ones(b, n, dtype=torch.bool, device=suffix.device)], 1),
             blocks,
             torch.cat([prefix_blocks, blocks], 1),
         )
-        (out,), _ = self.paligemma_with_expert([Stream(suffix, 1, cond)], positions, attend, past=prefix.kv)
+        past = tuple(zip(kv[0::2], kv[1::2], strict=True))
+        (out,), _ = self.paligemma_with_expert([Stream(suffix, 1, cond)], positions, attend, past=past)
         hidden = out[:, -self.config.action_horizon :]
-        return ExpertOutput(velocity=self.action_out_proj(hidden).float(), hidden=hidden)
+        return [self.action_out_proj(hidden).float(), hidden]
 
     def velocity(self, prefix: Prefix, x_t: Tensor, t: Tensor, state: Tensor | None = None) -> Tensor:
         return self.expert_forward(prefix, x_t, t, state).velocity
@@ -216,7 +296,9 @@ class FlowPolicy(nn.Module):
 
         Returns the expert output and the prefix hidden states [B, L, W_vlm].
         """
-        prefix_embeds, prefix_pad = self._embed_prefix_tokens(inputs)
+        self._validate(inputs)
+        prefix_embeds, prefix_pad = self._embed_prefix_tokens(inputs.images, inputs.image_masks, inputs.tokens,
+                                                              inputs.token_masks)
         t = self._check_suffix_inputs(x_t, t, inputs.batch_size)
         suffix, cond = self.embed_suffix(inputs.state, x_t, t)
         b, n = suffix.shape[:2]

@@ -87,6 +87,9 @@ class ServedPolicy:
             torch.set_num_threads(cfg.torch_threads)
         policy, processor = load_bundle(cfg.checkpoint, device=cfg.device, precision=cfg.precision)
         policy.eval()
+        if cfg.cuda_graphs and str(cfg.device).startswith("cuda"):
+            # a prefix and an expert graph per batch size the dynamic batcher forms, plus guided passes'
+            policy.use_cuda_graphs(max_graphs=4 * cfg.max_batch)
         mcfg = policy.config
         num_steps = cfg.num_steps or mcfg.num_steps
         meta = read_metadata(cfg.checkpoint)

@@ -122,6 +122,9 @@ class ClusterConfig:
     worker_cpus: float = 0.25
     learner_gpus: float = 0.0
     worker_gpus: float = 0.0
+    worker_device: str = "cpu"
+    """Where each Ray rollout worker runs its policy: cpu, or cuda (the GPU Ray gives it: worker_gpus > 0),
+    where it replays the policy's inference passes from CUDA graphs (`FlowPolicy.use_cuda_graphs`)."""
     # learner group (rollout.LearnerConfig)
     zero_stage: int = 2
     learner_call_timeout_s: float | None = None
@@ -135,6 +138,13 @@ class ClusterConfig:
     """A lost learner rank rebuilds the learner group and the worker pool from the run's last
     checkpoint and goes on from the iteration after it (the iterations since are repeated exactly:
     see the module doc). Past this many rebuilds in one run, the error propagates."""
+
+    def __post_init__(self) -> None:
+        if self.worker_device != "cpu" and not self.worker_device.startswith("cuda"):
+            raise ValueError(f"cluster.worker_device={self.worker_device!r}: cpu or cuda")
+        if self.worker_device != "cpu" and not (self.use_ray and self.worker_gpus > 0):
+            raise ValueError(f"cluster.worker_device={self.worker_device} needs Ray workers with a GPU "
+                             "(cluster.use_ray=true, cluster.worker_gpus > 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +256,22 @@ def iteration_seed(base: int, iteration: int, worker: int) -> int:
 
 # -- worker-side functions (shipped to Ray workers; also run in-process) ---------------------------
 def setup_worker(worker, cfg: RLConfig) -> None:
+    place_worker_policy(worker, cfg.cluster.worker_device)
     worker.scratch["env"] = make_env(cfg.env, cfg.cluster.envs_per_worker, cfg.run.seed)
     worker.scratch["processor"] = processor_for(cfg.run.init_checkpoint, cfg.run.camera_map)
+
+
+def place_worker_policy(worker, device: str) -> None:
+    """Moves a worker's agent to `device` (cuda: the GPU Ray gave it) and turns on CUDA graphs there.
+    Weight syncs copy into the moved parameters in place (`rollout.weights.load_into`), so the graphs
+    stay valid; rollouts move observations to the agent's device and results back to the CPU."""
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"cluster.worker_device={device}, but rollout worker {worker.index} sees no CUDA "
+                           "device (Ray gives a worker a GPU only with cluster.worker_gpus > 0)")
+    worker.model.to(device)
+    worker.model.policy.use_cuda_graphs()
 
 
 def fresh_reset_seeds(cfg: RLConfig, iteration: int, worker: int) -> list[int]:

@@ -6,6 +6,11 @@
 #
 #   bench/gpu.sh                    # on the GPU machine; writes bench/results/
 #   bench/gpu.sh --dry-run /tmp/g   # on a CPU: tiny configs, a few steps; checks the plumbing (< 2 min)
+#
+# Through a development session's device tool (one call, ~9 min; that machine lacks websockets, hydra-core,
+# omegaconf and antlr4-python3-runtime, which `pirl serve` needs: carry their cp312 wheels in .whl/):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site; bash bench/gpu.sh /tmp/r > $OUT/gpu_sh.log 2>&1; tar czf $OUT/r.tgz -C /tmp r
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY=()

@@ -220,7 +220,9 @@ def test_captured_passes_never_read_tensor_values_on_the_host(variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cuda_graph_replay_equals_eager_on_a_gpu(variant):
-    """The real capture (`CudaRecorder`): bf16 tiny policy on CUDA, graphed chunks equal eager ones."""
+    """The real capture (`CudaRecorder`): bf16 tiny policy on CUDA, graphed chunks equal eager ones to bf16
+    rounding (cuBLAS may choose other kernels on the capture stream; bench/gpu.py reports the exact
+    difference). Chunks from different noise differ by ~1, so the bound still tells them apart."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     policy = tiny_policy(11, variant).cuda().to_mixed_precision()
@@ -234,5 +236,6 @@ def test_cuda_graph_replay_equals_eager_on_a_gpu(variant):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would fall back with a warning
         for (inputs, noise), ref in zip(cases, eager):
-            torch.testing.assert_close(policy.sample_actions(inputs, noise=noise), ref, atol=0, rtol=0)
+            torch.testing.assert_close(policy.sample_actions(inputs, noise=noise), ref, atol=5e-2, rtol=0)
     assert policy.graphs is not None and policy.graphs.captures == 4
+    assert (eager[0] - eager[1]).abs().max() > 0.2  # negative control: the bound separates different chunks

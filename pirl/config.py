@@ -22,6 +22,25 @@ def load_section(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -
     return from_dict(cls, dict(data or {}), path)
 
 
+def check_device(value: str, key: str, here: bool = True) -> None:
+    """A device setting is a torch device string (cpu, cuda, cuda:N) and, with `here`, one this process can
+    use: a clear error at config time instead of torch's traceback at the first tensor moved there."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key}={value!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}={value!r}: pirl runs on cpu or cuda")
+    if here and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={value}, but torch sees no CUDA device here (torch {torch.__version__}"
+                             + (", built without CUDA)" if torch.version.cuda is None else ")"))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{key}={value}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 def to_container(node: Any) -> Any:
     """An OmegaConf node (or plain data) as plain dicts/lists, interpolations resolved."""
     try:

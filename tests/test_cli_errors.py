@@ -89,6 +89,20 @@ def test_bad_values(capsys, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_bad_device_settings(capsys):
+    line = _one_line_error(capsys, ["serve", f"checkpoint={SHIPPED}", "device=cuda:x", "port=0"])
+    assert "device='cuda:x' is not a device" in line
+    line = _one_line_error(capsys, ["train", "experiment=maniskill_pickcube_tiny", "cluster=gpu_collocated",
+                                    "cluster.worker_device=gpu"])
+    assert "cluster.worker_device='gpu' is not a device" in line
+    import torch
+
+    if not torch.cuda.is_available():
+        for command in (["serve", f"checkpoint={SHIPPED}", "device=cuda", "port=0"],
+                        ["critic", f"checkpoint={SHIPPED}", "device=cuda"]):
+            assert "torch sees no CUDA device here" in _one_line_error(capsys, command)
+
+
 def test_dataset_without_the_expected_files(capsys, tmp_path):
     (tmp_path / "data").mkdir()
     line = _one_line_error(capsys, ["sft", f"dataset={tmp_path / 'data'}", "steps=1", f"output_dir={tmp_path / 'o'}"])

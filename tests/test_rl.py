@@ -302,7 +302,7 @@ def test_sampler_step_range_is_checked_when_the_config_is_built():
 def test_worker_device_is_checked_before_anything_runs():
     from pirl.train.rl import ClusterConfig, place_worker_policy
 
-    with pytest.raises(ValueError, match="cpu or cuda"):
+    with pytest.raises(ValueError, match="is not a device: cpu, cuda or cuda:N"):
         ClusterConfig(worker_device="tpu")
     with pytest.raises(ValueError, match="needs Ray workers with a GPU"):
         ClusterConfig(worker_device="cuda")  # one process: the learner would share the moved agent

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pirl.config import check_device
 from pirl.critic.data import REWARDS, CriticData, build_critic_data
 from pirl.critic.q import (
     ChunkCritic,
@@ -114,6 +115,7 @@ class CriticTrainConfig:
             raise ValueError("critic: horizon and batch_size must be >= 1, steps >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"critic: val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pirl.config import check_device
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
@@ -62,3 +64,4 @@ class ServeConfig:
             raise ValueError("serve: max_wait_ms must be >= 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"serve: port {self.port} out of range")
+        check_device(self.device, "device")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
-from pirl.config import load_section
+from pirl.config import check_device, load_section
 from pirl.train.batch import TrajectoryBatch
 from pirl.train.common import set_seed, set_trainable
 from pirl.train.curriculum import plan_resets
@@ -140,8 +140,7 @@ class ClusterConfig:
     see the module doc). Past this many rebuilds in one run, the error propagates."""
 
     def __post_init__(self) -> None:
-        if self.worker_device != "cpu" and not self.worker_device.startswith("cuda"):
-            raise ValueError(f"cluster.worker_device={self.worker_device!r}: cpu or cuda")
+        check_device(self.worker_device, "cluster.worker_device", here=False)  # the workers' GPUs, not the driver's
         if self.worker_device != "cpu" and not (self.use_ray and self.worker_gpus > 0):
             raise ValueError(f"cluster.worker_device={self.worker_device} needs Ray workers with a GPU "
                              "(cluster.use_ray=true, cluster.worker_gpus > 0)")

@@ -201,7 +201,8 @@ def guided_sampler(data: dict, policy, processor, checkpoint: str, num_steps: in
         return None
     if not data.get("critic"):
         raise SystemExit(f"pirl eval: guidance={cfg.method} needs critic=DIR (a critic written by `pirl critic`)")
-    critic = load_critic(resolve_path(data["critic"]), policy, policy_checkpoint=checkpoint)
+    critic = load_critic(resolve_path(data["critic"]), policy, device=next(policy.parameters()).device,
+                         policy_checkpoint=checkpoint)
     return GuidedSampler(policy, critic, cfg, num_steps)
 
 
@@ -241,6 +242,8 @@ def remote_actor(data: dict, argv: list[str], url: str):
 def cmd_eval(argv: list[str]) -> int:
     import torch
 
+    from pirl.config import check_device
+    from pirl.train.common import set_precision
     from pirl.train.rl import make_env, processor_for
     from pirl.train.rl_core import Agent, PolicyActor, SamplerConfig, evaluate
     from vla.checkpoint import load_policy
@@ -250,6 +253,8 @@ def cmd_eval(argv: list[str]) -> int:
     remote = data.get("policy")
     if bool(remote) == bool(data["checkpoint"]):
         raise SystemExit("pirl eval: set exactly one of checkpoint=DIR or policy=ws://host:port")
+    if not remote:
+        check_device(data["device"], "device")
     checkpoint = resolve_path(data["checkpoint"]) if not remote else None
     if remote:  # the same episode loop; actions come from the server (pirl.serve.client.RemoteActor)
         actor, from_checkpoint = remote_actor(data, argv, remote)
@@ -267,7 +272,10 @@ def cmd_eval(argv: list[str]) -> int:
     num_steps = data["num_steps"]
     if not remote:
         actor = None
-        policy, _ = load_policy(checkpoint)
+        policy, _ = load_policy(checkpoint, device=data["device"])
+        set_precision(policy, data["precision"], data["device"])
+        if str(data["device"]).startswith("cuda"):
+            policy.use_cuda_graphs()
         agent = Agent.build(policy, SamplerConfig(num_steps=num_steps))
         processor = processor_for(checkpoint, data["camera_map"])
         guided = guided_sampler(data, policy, processor, checkpoint, num_steps)

@@ -83,6 +83,17 @@ def make_processor_from_dataset(config: ModelConfig, dataset, tokenizer: str | N
     return Processor(config, tok, stats), model_file
 
 
+def set_precision(policy: FlowPolicy, precision: str | None, device: str) -> None:
+    """fp32, or bf16 weights with every norm in fp32 (`FlowPolicy.to_mixed_precision`); None: bf16 on CUDA,
+    fp32 on the CPU."""
+    if precision is None:
+        precision = "bf16" if str(device).startswith("cuda") else "fp32"
+    if precision == "bf16":
+        policy.to_mixed_precision(torch.bfloat16)
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+
 def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu", precision: str | None = None
                 ) -> tuple[FlowPolicy, Processor]:
     """A self-contained pirl checkpoint (weights, norm stats, tokenizer) -> policy and processor.
@@ -90,12 +101,7 @@ def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu", precision: s
     precision: "fp32" or "bf16" (weights in bf16, every norm in fp32); default bf16 on CUDA, else fp32.
     """
     policy, stats = load_policy(checkpoint, device=device)
-    if precision is None:
-        precision = "bf16" if str(device).startswith("cuda") else "fp32"
-    if precision == "bf16":
-        policy.to_mixed_precision(torch.bfloat16)
-    elif precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    set_precision(policy, precision, device)
     if stats is None:
         raise ValueError(f"{checkpoint} has no norm_stats.json; it cannot process observations")
     tok_file = tokenizer_path(checkpoint)

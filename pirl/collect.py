@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pirl.config import check_device
 from pirl.train.rl_core import SamplerConfig, act, select_obs
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,11 @@ class CollectConfig:
     image_mode: str = "image"
     """image (PNG per frame) or video (mp4 per camera) for camera observations."""
     fps: int = 20
+    device: str = "cpu"
+    """Where the policy runs: cpu | cuda | cuda:N (fp32 there, CUDA graphs for its passes)."""
 
     def __post_init__(self) -> None:
+        check_device(self.device, "device")
         if self.episodes < 1:
             raise ValueError(f"collect: episodes must be >= 1, got {self.episodes}")
         if self.num_envs < 1 or self.n_exec < 1:
@@ -103,6 +107,10 @@ def collect(cfg: CollectConfig) -> dict:
     started = time.perf_counter()
     agent = build_agent(cfg.checkpoint, cfg.sampler, "expert")
     agent.eval()
+    if cfg.device != "cpu":
+        agent.to(cfg.device)  # fp32, heads included: `act` moves observations to it, results come back
+        if cfg.device.startswith("cuda"):
+            agent.policy.use_cuda_graphs()
     if cfg.sampler.kind == "flow_noise" and not cfg.ode and agent.noise_head is not None:
         from vla.checkpoint import read_metadata
 

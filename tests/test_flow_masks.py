@@ -158,3 +158,19 @@ def test_chain_select_and_cat_keep_rows_with_their_samples():
         assert torch.equal(getattr(both, name), getattr(chain, name)), name
     with pytest.raises(ValueError):
         Chain(chain.latents, chain.grid, chain.step_mask, chain.means[:-1], chain.stds, chain.log_probs)
+
+
+def test_draws_come_from_the_generators_device_then_move():
+    """vla.draw: a CPU generator (what rollouts seed) serves a policy on any device, with torch's own
+    numbers for that seed ('meta' stands in for a GPU here: the draw is made on the CPU and moved)."""
+    from vla import draw
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    assert torch.equal(draw.normal((2, 3), gen(), "cpu"), torch.randn((2, 3), generator=gen()))
+    assert torch.equal(draw.uniform((4,), gen(), "cpu"), torch.rand((4,), generator=gen()))
+    assert torch.equal(draw.integers(1, 5, (6,), gen(), "cpu"), torch.randint(1, 5, (6,), generator=gen()))
+    moved = draw.normal((2, 3), gen(), "meta", torch.bfloat16)
+    assert moved.device.type == "meta" and moved.dtype == torch.bfloat16
+    assert draw.integers(0, 3, (2,), None, "meta").device.type == "meta"  # no generator: drawn where used

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
+from vla import draw
 from vla.backbone import AdaptiveRMSNorm, KVCache, PaliGemmaWithExpert, Stream, block_attention
 from vla.config import ModelConfig
 from vla.graphs import GraphCache
@@ -316,7 +317,7 @@ class FlowPolicy(nn.Module):
         cfg = self.config
         # Beta(a, 1) by inversion: F^{-1}(u) = u^(1/a); Beta(a, b) in general via two Gammas.
         if cfg.time_beta_beta == 1.0:
-            u = torch.rand(batch, generator=generator, device=device)
+            u = draw.uniform(batch, generator, device)
             beta = u ** (1.0 / cfg.time_beta_alpha)
         else:
             dist = torch.distributions.Beta(cfg.time_beta_alpha, cfg.time_beta_beta)
@@ -346,7 +347,7 @@ class FlowPolicy(nn.Module):
         """
         b = actions.shape[0]
         if noise is None:
-            noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+            noise = draw.normal(actions.shape, generator, actions.device)
         if t is None:
             t = self.sample_time(b, generator, actions.device)
         x_t, u = flow_matching_target(actions.float(), noise.float(), t)
@@ -369,7 +370,7 @@ class FlowPolicy(nn.Module):
         steps = num_steps or cfg.num_steps
         b = inputs.batch_size
         shape = (b, cfg.action_horizon, cfg.action_dim)
-        x = torch.randn(shape, generator=generator, device=inputs.state.device) if noise is None else noise.float()
+        x = draw.normal(shape, generator, inputs.state.device) if noise is None else noise.float()
         if tuple(x.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(x.shape)}")
         prefix = self.embed_prefix(inputs, hidden=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vla import draw
+
 
 def step_index_range(num_steps: int, low: int, high: int | None, width: int = 1) -> tuple[int, int]:
     """[low, high) as non-negative step indices (negative values count from the end, as in Python),
@@ -43,7 +45,7 @@ def hybrid_mask(
     noise: `bench/results/noise_propagation.md`.
     """
     low, high = step_index_range(num_steps, low, high)
-    index = torch.randint(low, high, (batch_size,), generator=generator, device=device)
+    index = draw.integers(low, high, (batch_size,), generator, device)
     return index_mask(index, num_steps)
 
 
@@ -60,7 +62,7 @@ def window_mask(
     """`width` consecutive stochastic steps per sample; the window lies inside [low, high) and its start
     is uniform over the admissible positions."""
     low, high = step_index_range(num_steps, low, high, width)
-    start = torch.randint(low, high - width + 1, (batch_size, 1), generator=generator, device=device)
+    start = draw.integers(low, high - width + 1, (batch_size, 1), generator, device)
     steps = torch.arange(num_steps, device=device)[None, :]
     return (steps >= start) & (steps < start + width)
 

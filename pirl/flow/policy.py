@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
+from vla import draw
+
 from .chain import Chain
 from .grid import DenoiseGrid
 from .likelihood import ChainLogProb, LogProbReduction, log_prob
@@ -72,8 +74,7 @@ def sample_chain(
     batch_size = prefix.batch_size
     device = next(policy.parameters()).device if hasattr(policy, "parameters") else None
     if noise is None:
-        noise = torch.randn((batch_size, config.action_horizon, config.action_dim), generator=generator,
-                            dtype=torch.float32, device=device)
+        noise = draw.normal((batch_size, config.action_horizon, config.action_dim), generator, device)
     if isinstance(step_mask, str):
         step_mask = make_step_mask(step_mask, batch_size, grid.num_steps, width=window, low=mask_low,
                                    high=mask_high, generator=generator, device=noise.device)

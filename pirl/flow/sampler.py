@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from vla import draw
+
 from .chain import Chain
 from .grid import DenoiseGrid
 from .masks import make_step_mask
@@ -87,7 +89,7 @@ def sample(
     if noise is None:
         if batch_size is None or action_shape is None:
             raise ValueError("pass the initial noise or both batch_size and action_shape")
-        noise = torch.randn((batch_size, *action_shape), generator=generator, dtype=dtype, device=device)
+        noise = draw.normal((batch_size, *action_shape), generator, device, dtype)
     x = noise.detach()
     batch_size, num_steps = x.shape[0], grid.num_steps
     if isinstance(step_mask, str):
@@ -121,7 +123,7 @@ def sample(
             x_rows, v_rows, t_rows = x[rows], v[rows], t[rows]
             hidden_rows = noise_head_inputs(rule, None if hidden is None else hidden[rows])
             dist = rule.step(x_rows, v_rows, t_rows, steps[k].expand(rows.shape[0]), hidden_rows)
-            xi = torch.randn(x_rows.shape, generator=generator, dtype=x.dtype, device=x.device)
+            xi = draw.normal(x_rows.shape, generator, x.device, x.dtype)
             sampled = dist.mean + dist.std * xi
             x_next = x_next.index_copy(0, rows, sampled)
             out_rows = row_of[rows, k]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from vla import draw
+
 from pirl.flow.chain import Chain
 from pirl.flow.grid import DenoiseGrid
 from pirl.flow.policy import default_grid, policy_velocity_fn
@@ -127,7 +129,7 @@ def _initial_noise(field, prefix, n, candidates, noise, generator, batch_size, a
         else:
             device = None
         shape = (n, batch_size, *action_shape) if candidates else (batch_size, *action_shape)
-        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+        return draw.normal(shape, generator, device)
     shape_ok = noise.ndim == 4 and noise.shape[0] == n if candidates else noise.ndim == 3
     if not shape_ok:
         expected = f"[n = {n}, B, H, D] for best-of-N" if candidates else "[B, H, D]"

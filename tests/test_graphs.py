@@ -239,3 +239,25 @@ def test_cuda_graph_replay_equals_eager_on_a_gpu(variant):
             torch.testing.assert_close(policy.sample_actions(inputs, noise=noise), ref, atol=5e-2, rtol=0)
     assert policy.graphs is not None and policy.graphs.captures == 4
     assert (eager[0] - eager[1]).abs().max() > 0.2  # negative control: the bound separates different chunks
+
+
+@pytest.mark.gpu
+def test_rollout_chain_on_a_gpu_with_a_cpu_generator():
+    """The rollout path on CUDA: a CPU generator (as rollouts seed them) drives the noise (vla.draw), the
+    chain's steps replay from graphs and agree with the eager chain to bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    policy = tiny_policy(12).cuda().to_mixed_precision()
+    inputs = random_inputs(policy, 4, seed=12).to("cuda")
+
+    def chain():
+        with torch.no_grad():
+            prefix = policy.embed_prefix(inputs)
+            return sample_chain(policy, prefix=prefix, rule=SDERule(0.5), generator=torch.Generator().manual_seed(0))
+
+    eager = chain()
+    policy.use_cuda_graphs()
+    graphed = chain()
+    assert graphed.latents.device.type == "cuda"
+    torch.testing.assert_close(graphed.latents, eager.latents, atol=5e-2, rtol=0)
+    torch.testing.assert_close(graphed.step_mask, eager.step_mask)

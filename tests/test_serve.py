@@ -424,3 +424,27 @@ def test_served_guided_actions_equal_local_guided(tmp_path, local, guidance):
 def client_infer(url, req):
     with WebsocketClientPolicy(url) as client:
         return client.infer(req)
+
+
+def test_warm_up_captures_every_batch_size_before_serving():
+    """With graphs on (EagerRecorder here: a CUDA graph replay's semantics on the CPU), the warm-up
+    captures each batch size's passes; requests then replay them and get the eager server's actions."""
+    from vla.graphs import EagerRecorder
+
+    cfg = ServeConfig(checkpoint=CKPT, num_steps=4, camera_map={"base_0_rgb": "images/base_camera"})
+    eager, graphed = ServedPolicy.from_config(cfg), ServedPolicy.from_config(cfg)
+    graphed.actor.policy.use_cuda_graphs(recorder_factory=EagerRecorder)
+    graphed.warm_up(4)
+    graphs = graphed.actor.policy.graphs
+    captured = graphs.captures
+    # a lone request runs as a batch of two (PolicyActor's batch invariance): sizes 2, 3, 4, a prefix and
+    # an expert pass each
+    assert captured == 6 and {key[0] for key in graphs.calls} == {"prefix", "expert"}
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(0, 256, size=(3, 40, 56, 3), dtype=np.uint8)
+    s = states(3, seed=6)
+    reqs = [{"images": {"base_camera": imgs[i]}, "state": s[i], "prompt": PROMPT, "seed": 60 + i} for i in range(3)]
+    got, _ = graphed.infer([graphed.prepare(r) for r in reqs])
+    want, _ = eager.infer([eager.prepare(r) for r in reqs])
+    np.testing.assert_array_equal(got, want)
+    assert graphs.captures == captured  # served from the warm-up's graphs

@@ -34,7 +34,7 @@ class ServeConfig:
     """fp32 | bf16 (None: bf16 on CUDA, fp32 on CPU)."""
     cuda_graphs: bool = True
     """On a CUDA device: replay the prefix and expert passes from CUDA graphs (`FlowPolicy.use_cuda_graphs`),
-    one per batch size seen, captured at its first request. Ignored on the CPU."""
+    one per batch size up to max_batch, all captured at startup. Ignored on the CPU."""
     torch_threads: int | None = None
     """torch intra-op threads for the model (None: torch's default / OMP_NUM_THREADS)."""
     max_batch: int = 16

@@ -144,6 +144,19 @@ class ServedPolicy:
         given = seed is not None
         return Prepared(inputs, seed if given else secrets.randbits(63), index, given)
 
+    def warm_up(self, max_batch: int) -> float:
+        """One synthetic batch of every size up to `max_batch` (blank images, zero state), before the port
+        opens: with CUDA graphs, each batch size's capture happens here instead of in a client's request.
+        Returns the seconds taken."""
+        t0 = time.perf_counter()
+        size = self.actor.policy.config.vision.image_size
+        obs = {"images": {c: np.zeros((1, size, size, 3), np.uint8) for c in self.spec.cameras},
+               "state": np.zeros((1, self.spec.state_dim), np.float32), "prompt": ["warm up"]}
+        row = Prepared(self.actor.processor(obs), seed=0, noise_index=0, seed_given=True)
+        for b in range(1, max_batch + 1):
+            self.infer([row] * b)
+        return time.perf_counter() - t0
+
     def infer(self, rows: list[Prepared]) -> tuple[np.ndarray, float]:
         """The batch's raw actions [B, H, d] and the model time in ms."""
         from pirl.train.batch import stack_inputs

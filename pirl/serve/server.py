@@ -329,5 +329,8 @@ def run(cfg: ServeConfig) -> int:
         log.warning("pirl serve: binding %s without an API key: anyone who can reach this port can drive the "
                     "robot", cfg.host)
     policy = ServedPolicy.from_config(cfg)
+    if policy.actor.policy.graphs is not None:
+        seconds = policy.warm_up(cfg.max_batch)
+        log.info("pirl serve: CUDA graphs captured for batch sizes 1..%d in %.1f s", cfg.max_batch, seconds)
     asyncio.run(PolicyServer(policy, cfg).serve())
     return 0

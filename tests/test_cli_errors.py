@@ -100,7 +100,8 @@ def test_bad_device_settings(capsys):
     if not torch.cuda.is_available():
         for command in (["serve", f"checkpoint={SHIPPED}", "device=cuda", "port=0"],
                         ["critic", f"checkpoint={SHIPPED}", "device=cuda"],
-                        ["eval", f"checkpoint={SHIPPED}", "device=cuda", "episodes=1"]):
+                        ["eval", f"checkpoint={SHIPPED}", "device=cuda", "episodes=1"],
+                        ["collect", f"checkpoint={SHIPPED}", "out=/nonexistent/c", "device=cuda"]):
             assert "torch sees no CUDA device here" in _one_line_error(capsys, command)
 
 

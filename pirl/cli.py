@@ -243,7 +243,7 @@ def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from pirl.config import check_device
-    from pirl.train.common import set_precision
+    from pirl.train.common import graphs_on_gpu, set_precision
     from pirl.train.rl import make_env, processor_for
     from pirl.train.rl_core import Agent, PolicyActor, SamplerConfig, evaluate
     from vla.checkpoint import load_policy
@@ -274,8 +274,7 @@ def cmd_eval(argv: list[str]) -> int:
         actor = None
         policy, _ = load_policy(checkpoint, device=data["device"])
         set_precision(policy, data["precision"], data["device"])
-        if str(data["device"]).startswith("cuda"):
-            policy.use_cuda_graphs()
+        graphs_on_gpu(policy)
         agent = Agent.build(policy, SamplerConfig(num_steps=num_steps))
         processor = processor_for(checkpoint, data["camera_map"])
         guided = guided_sampler(data, policy, processor, checkpoint, num_steps)

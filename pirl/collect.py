@@ -94,6 +94,7 @@ class _EpisodeLog:
 def collect(cfg: CollectConfig) -> dict:
     """Runs the episodes and writes the dataset; returns a summary (episodes, successes, seconds, ...)."""
     from envs.dataset import write_lerobot_dataset
+    from pirl.train.common import graphs_on_gpu
     from pirl.train.rl import build_agent, make_env, processor_for
 
     if not cfg.checkpoint:
@@ -107,10 +108,8 @@ def collect(cfg: CollectConfig) -> dict:
     started = time.perf_counter()
     agent = build_agent(cfg.checkpoint, cfg.sampler, "expert")
     agent.eval()
-    if cfg.device != "cpu":
-        agent.to(cfg.device)  # fp32, heads included: `act` moves observations to it, results come back
-        if cfg.device.startswith("cuda"):
-            agent.policy.use_cuda_graphs()
+    agent.to(cfg.device)  # fp32, heads included: `act` moves observations to it, results come back
+    graphs_on_gpu(agent.policy)
     if cfg.sampler.kind == "flow_noise" and not cfg.ode and agent.noise_head is not None:
         from vla.checkpoint import read_metadata
 

@@ -175,6 +175,11 @@ def test_moving_the_policy_drops_its_graphs():
 def test_cuda_graphs_need_a_cuda_policy():
     with pytest.raises(ValueError, match="not on a CUDA device"):
         tiny_policy(0).use_cuda_graphs()
+    from pirl.train.common import graphs_on_gpu
+
+    policy = tiny_policy(0)
+    graphs_on_gpu(policy)  # what serve / eval / collect / rollout workers call: a CPU policy stays eager
+    assert policy.graphs is None
 
 
 # Operations that read a device tensor's value on the host: during a CUDA graph capture they either fail

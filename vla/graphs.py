@@ -89,7 +89,6 @@ class EagerRecorder:
     def __init__(self) -> None:
         self.fn: Callable[[], Sequence[Tensor]] | None = None
         self.outputs: Sequence[Tensor] = ()
-        self.replays = 0
 
     def capture(self, fn: Callable[[], Sequence[Tensor]]) -> Sequence[Tensor]:
         self.fn = fn
@@ -100,7 +99,6 @@ class EagerRecorder:
         assert self.fn is not None, "replay before capture"
         for static, fresh in zip(self.outputs, self.fn(), strict=True):
             static.copy_(fresh)
-        self.replays += 1
 
 
 def _version(t: Tensor) -> int | None:

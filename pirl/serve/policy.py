@@ -80,16 +80,16 @@ class ServedPolicy:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "ServedPolicy":
-        from pirl.train.common import load_bundle
+        from pirl.train.common import graphs_on_gpu, load_bundle
         from vla.checkpoint import read_metadata, read_rollout
 
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         policy, processor = load_bundle(cfg.checkpoint, device=cfg.device, precision=cfg.precision)
         policy.eval()
-        if cfg.cuda_graphs and str(cfg.device).startswith("cuda"):
+        if cfg.cuda_graphs:
             # a prefix and an expert graph per batch size the dynamic batcher forms, plus guided passes'
-            policy.use_cuda_graphs(max_graphs=4 * cfg.max_batch)
+            graphs_on_gpu(policy, max_graphs=4 * cfg.max_batch)
         mcfg = policy.config
         num_steps = cfg.num_steps or mcfg.num_steps
         meta = read_metadata(cfg.checkpoint)

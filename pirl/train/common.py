@@ -94,6 +94,12 @@ def set_precision(policy: FlowPolicy, precision: str | None, device: str) -> Non
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
 
 
+def graphs_on_gpu(policy: FlowPolicy, max_graphs: int = 16) -> None:
+    """Turns on CUDA graphs (`FlowPolicy.use_cuda_graphs`) for a policy on a GPU; a CPU policy stays eager."""
+    if policy.action_in_proj.weight.device.type == "cuda":
+        policy.use_cuda_graphs(max_graphs=max_graphs)
+
+
 def load_bundle(checkpoint: str | os.PathLike, device: str = "cpu", precision: str | None = None
                 ) -> tuple[FlowPolicy, Processor]:
     """A self-contained pirl checkpoint (weights, norm stats, tokenizer) -> policy and processor.

@@ -45,7 +45,7 @@ import torch
 from pirl.algos.config import GAEConfig, GRPOConfig, PPOConfig, ValueLossConfig
 from pirl.config import check_device, load_section
 from pirl.train.batch import TrajectoryBatch
-from pirl.train.common import set_seed, set_trainable
+from pirl.train.common import graphs_on_gpu, set_seed, set_trainable
 from pirl.train.curriculum import plan_resets
 from pirl.train.logger import MetricLogger, logging_redirect_tqdm, progress_bar
 from pirl.train.protocols import LearnerGroup as LearnerGroupProtocol
@@ -270,7 +270,7 @@ def place_worker_policy(worker, device: str) -> None:
         raise RuntimeError(f"cluster.worker_device={device}, but rollout worker {worker.index} sees no CUDA "
                            "device (Ray gives a worker a GPU only with cluster.worker_gpus > 0)")
     worker.model.to(device)
-    worker.model.policy.use_cuda_graphs()
+    graphs_on_gpu(worker.model.policy)
 
 
 def fresh_reset_seeds(cfg: RLConfig, iteration: int, worker: int) -> list[int]:

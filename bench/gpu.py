@@ -213,10 +213,13 @@ def part_transformers(name: str, device: torch.device, dtype: str, batches: list
         reference.to(torch.bfloat16)
     policy.eval(), reference.eval()
     rows = []
-    for b in batches:
+    # every camera present at each batch size; then openpi's π0 LIBERO inputs (the third camera
+    # absent, which pirl drops before SigLIP) at the smallest
+    for b, cameras in [(b, "all") for b in batches] + [(batches[0], "third absent")]:
         inputs = random_inputs(policy, b)
         inputs.tokens = inputs.tokens.clamp(max=cfg.vocab_size - 2)  # the last id is the image placeholder
         inputs.image_masks[:] = True
+        inputs.image_masks[:, -1] = cameras == "all"
         hf_kwargs = {k: v.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" and v.is_floating_point() else v.dtype)
                      for k, v in hf_inputs(cfg, inputs).items()}
         inputs = inputs.to(device)
@@ -234,13 +237,13 @@ def part_transformers(name: str, device: torch.device, dtype: str, batches: list
                 policy.graphs = graphs
                 ours_graphed.append(median_ms(ours_fn, device, 1, warmup=0 if ours_graphed else 2))
                 policy.graphs = None
-        row = {"config": name, "dtype": dtype, "batch": b, "K": steps, "pirl_ms": statistics.median(ours),
+        row = {"config": name, "dtype": dtype, "batch": b, "cameras": cameras, "K": steps, "pirl_ms": statistics.median(ours),
                "transformers_ms": statistics.median(theirs), "max_action_diff": diff,
                "pirl_graphs_ms": statistics.median(ours_graphed)}
         row["latency_ratio"] = row["pirl_ms"] / row["transformers_ms"]
         row["graphs_latency_ratio"] = row["pirl_graphs_ms"] / row["transformers_ms"]
         rows.append(row)
-        print(f"  transformers PI0 {name} b={b}: pirl {row['pirl_ms']:.1f} ms, transformers "
+        print(f"  transformers PI0 {name} b={b} cameras {cameras}: pirl {row['pirl_ms']:.1f} ms, transformers "
               f"{row['transformers_ms']:.1f} ms ({row['latency_ratio']:.2f}x), pirl with CUDA graphs "
               f"{row['pirl_graphs_ms']:.1f} ms ({row['graphs_latency_ratio']:.2f}x), max diff {diff:.2e}", flush=True)
     return rows
@@ -423,9 +426,9 @@ def to_markdown(r: dict) -> str:
             lines.append("")
     table(lines, r.get("transformers_pi0"), "pirl against transformers' PI0 (same weights, inputs and noise; chunk "
           "latency; the three timed alternately):",
-          ["config", "dtype", "batch", "K", "pirl (ms)", "transformers (ms)", "ratio", "pirl, CUDA graphs (ms)",
-           "ratio", "max action diff"],
-          lambda x: [x["config"], x["dtype"], x["batch"], x["K"], f"{x['pirl_ms']:.1f}", f"{x['transformers_ms']:.1f}",
+          ["config", "dtype", "batch", "cameras", "K", "pirl (ms)", "transformers (ms)", "ratio",
+           "pirl, CUDA graphs (ms)", "ratio", "max action diff"],
+          lambda x: [x["config"], x["dtype"], x["batch"], x.get("cameras", "all"), x["K"], f"{x['pirl_ms']:.1f}", f"{x['transformers_ms']:.1f}",
                      f"{x['latency_ratio']:.2f}", fmt(x.get("pirl_graphs_ms")), fmt(x.get("graphs_latency_ratio"), ".2f"),
                      f"{x['max_action_diff']:.1e}"])
     table(lines, r.get("guidance"), "Guided sampling (`pirl.guidance`) with a known quadratic Q, per chunk of the batch:",

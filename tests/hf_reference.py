@@ -50,14 +50,20 @@ def hf_pi0(cfg: ModelConfig, seed: int = 0):
 
 
 def hf_inputs(cfg: ModelConfig, inputs):
-    """Our ModelInputs -> transformers PI0 keyword inputs (image placeholder tokens first)."""
+    """Our ModelInputs -> transformers PI0 keyword inputs (image placeholder tokens first).
+
+    An absent camera's placeholder tokens are masked out of the attention, as pirl and openpi mask them.
+    transformers fills the placeholders with the present cameras' features in order, so this matches
+    pirl only when absent cameras come after the present ones in every row (openpi's π0 LIBERO
+    inputs: the third camera absent)."""
     b, n_cams = inputs.image_masks.shape
-    n_img = n_cams * cfg.vision.tokens_per_image
-    image_ids = torch.full((b, n_img), cfg.vocab_size - 1, dtype=torch.long)
+    per_image = cfg.vision.tokens_per_image
+    image_ids = torch.full((b, n_cams * per_image), cfg.vocab_size - 1, dtype=torch.long)
+    image_attention = inputs.image_masks.long().repeat_interleave(per_image, dim=1)
     return dict(
         state=inputs.state,
         input_ids=torch.cat([image_ids, inputs.tokens], 1),
         pixel_values=inputs.images,
         pixel_attention_mask=inputs.image_masks,
-        attention_mask=torch.cat([torch.ones(b, n_img, dtype=torch.long), inputs.token_masks.long()], 1),
+        attention_mask=torch.cat([image_attention, inputs.token_masks.long()], 1),
     )

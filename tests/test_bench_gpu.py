@@ -28,6 +28,8 @@ def test_gpu_benchmark_dry_run_covers_every_part(tmp_path):
     assert all(r["graphs_max_diff"] == 0 and r["graphs_chunk_ms"] > 0 for r in model["latency_pi0"] + model["latency_pi05"])
     assert model["transformers_pi0"][0]["pirl_graphs_ms"] > 0
     assert model["transformers_pi0"][0]["max_action_diff"] < 1e-4  # same weights and noise, fp32
+    assert [row["cameras"] for row in model["transformers_pi0"]] == ["all", "third absent"]
+    assert model["transformers_pi0"][1]["max_action_diff"] < 1e-4
     assert {r["method"] for r in model["guidance"]} >= {"none", "qgf", "bptt", "best_of_n"}
     assert all(r["finite"] for r in model["guidance"])
     assert {(r["trainable"], r["mask"]) for r in model["ppo"]} == {("expert", "hybrid"), ("all", "hybrid")}

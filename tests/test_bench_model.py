@@ -37,6 +37,9 @@ def test_real_shape_benchmark_dry_run(tmp_path):
     hf = r["transformers_pi0"]
     assert hf["max_abs_diff_fp32_depth1"] < 1e-4  # same weights, inputs and noise
     assert [row["depth"] for row in hf["rows"]] == [1, 2, "full"]
+    assert hf["max_abs_diff_fp32_depth1_absent_camera"] < 1e-4  # the third camera absent: still the same model
+    assert [row["depth"] for row in hf["absent_camera_rows"]] == [1, 2, "full"]
+    assert hf["absent_prefix_tokens"] < hf["prefix_tokens"]
 
     ppo = r["ppo_pi0"]
     assert {(row["vlm"], row["mask"]) for row in ppo["rows"]} == {
@@ -53,11 +56,12 @@ def test_real_shape_benchmark_dry_run(tmp_path):
     assert set(prof["current_over_legacy"]) == {"d1", "d2", "full"}
     assert abs(sum(c["share"] for c in prof["categories"].values()) - 1) < 1e-6
     assert set(r["targets"]) == {"prefix_cache_speedup_k10_pi0", "latency_vs_transformers_pi0",
+                                 "latency_vs_transformers_pi0_third_camera_absent",
                                  "hybrid_vs_all_recompute_k4_mb2", "hybrid_vs_all_recompute_k4_mb4"}
 
     md = (tmp_path / "model.md").read_text()
     for title in ("Prefix cache, π0 ", "Prefix cache, π0.5", "transformers' PI0", "One PPO minibatch step",
-                  "Profile of one cached π0 chunk", "Targets", "## Tiny config"):
+                  "Profile of one cached π0 chunk", "Targets", "## Tiny config", "The third camera absent"):
         assert title in md, title
 
 

@@ -34,16 +34,20 @@ def test_graphed_sampling_equals_eager(variant):
     cfg = policy.config
     cases = [(random_inputs(policy, b, seed=s), torch.randn(b, cfg.action_horizon, cfg.action_dim))
              for b, s in ((3, 0), (3, 1), (1, 2), (3, 3))]
+    absent = random_inputs(policy, 3, seed=4)
+    absent.image_masks[:, -1] = False  # dropped before the prefix pass: a shorter prefix, its own graphs
+    cases.append((absent, torch.randn(3, cfg.action_horizon, cfg.action_dim)))
     eager = [policy.sample_actions(inputs, noise=noise) for inputs, noise in cases]
     graphed(policy)
     for (inputs, noise), ref in zip(cases, eager):
         torch.testing.assert_close(policy.sample_actions(inputs, noise=noise), ref, atol=0, rtol=0)
-    # batch 3 and batch 1: one prefix and one expert graph each; the later batch-3 chunks replay them
-    assert policy.graphs.captures == 4
+    # batch 3, batch 1 and batch 3 without a camera: one prefix and one expert graph each; the later
+    # batch-3 chunks replay the first ones
+    assert policy.graphs.captures == 6
     with torch.inference_mode():  # the server's mode: static buffers stay usable outside it too
         torch.testing.assert_close(policy.sample_actions(*cases[0]), eager[0], atol=0, rtol=0)
     torch.testing.assert_close(policy.sample_actions(*cases[1]), eager[1], atol=0, rtol=0)
-    assert policy.graphs.captures == 4
+    assert policy.graphs.captures == 6
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -85,6 +85,40 @@ def test_velocity_depends_on_valid_observation_only(variant):
     assert (policy.velocity(policy.embed_prefix(visible), x_t, t) - base).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_camera_absent_from_the_whole_batch_is_dropped_without_changing_anything(variant, monkeypatch):
+    """Its tokens are masked everywhere, so dropping them before SigLIP and the VLM is exact (fp32)."""
+    policy = tiny_policy(6, variant)
+    cfg = policy.config
+    tokens_per_image = cfg.vision.tokens_per_image
+    per_row = random_inputs(policy, 3, seed=6)  # the last row misses the last camera: kept, masked there
+    everywhere = copy.copy(per_row)
+    everywhere.image_masks = per_row.image_masks.clone()
+    everywhere.image_masks[:, -1] = False
+    nothing = copy.copy(per_row)
+    nothing.image_masks = torch.zeros_like(per_row.image_masks)
+    x_t = torch.randn(3, cfg.action_horizon, cfg.action_dim)
+    t = torch.tensor([0.9, 0.5, 0.2])
+
+    def run(inputs):
+        prefix = policy.embed_prefix(inputs)
+        joint, prefix_hidden = policy.forward_joint(inputs, x_t, t)
+        return prefix, policy.velocity(prefix, x_t, t), prefix.pooled(), joint.velocity
+
+    full_length = len(cfg.camera_names) * tokens_per_image + cfg.max_token_len
+    for inputs, dropped in ((per_row, 0), (everywhere, 1), (nothing, len(cfg.camera_names))):
+        prefix, *outputs = run(inputs)
+        assert prefix.pad_mask.shape[1] == full_length - dropped * tokens_per_image
+        with monkeypatch.context() as m:  # the reference: every camera's tokens kept and masked
+            m.setattr(FlowPolicy, "_drop_absent_cameras", staticmethod(lambda inputs: inputs))
+            ref_prefix, *refs = run(inputs)
+        assert ref_prefix.pad_mask.shape[1] == full_length
+        for out, ref in zip(outputs, refs):
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    # Negative control: the camera the batch lacks did reach the actions while it was there.
+    assert (run(per_row)[1] - run(everywhere)[1])[:2].abs().max() > 1e-4
+
+
 def test_actions_equal_transformers_pi0_reference():
     """Same weights and initial noise as transformers' independent PI0 -> the same action chunk."""
     cfg = tiny("pi0")
@@ -102,6 +136,13 @@ def test_actions_equal_transformers_pi0_reference():
         theirs = reference.sample_actions(noise=noise.clone(), **hf_inputs(cfg, inputs))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert ours.abs().mean() > 0.1  # a non-trivial output
+    # The last camera absent from every row (pirl drops it before SigLIP; transformers masks its tokens).
+    inputs.image_masks[:, -1] = False
+    ours_absent = policy.sample_actions(inputs, noise=noise.clone())
+    with torch.no_grad():
+        theirs_absent = reference.sample_actions(noise=noise.clone(), **hf_inputs(cfg, inputs))
+    torch.testing.assert_close(ours_absent, theirs_absent, atol=1e-5, rtol=0)
+    assert (ours_absent - ours).abs().max() > 1e-3  # the camera did matter
 
 
 def _openpi_reference_layout(variant: str) -> dict[str, tuple[int, ...]]:

@@ -113,8 +113,10 @@ class GraphedCall:
 
     Each call copies its inputs into the static buffers, except an input that is the very tensor of the
     previous call, unmodified since (same object, same version counter): the prefix keys and values of
-    one chunk are bound once and reused by its K expert steps. Outputs are cloned, so a later replay
-    never changes what an earlier call returned.
+    one chunk are bound once and reused by its K expert steps. Inference-mode tensors keep no version
+    counter, so one changed in place between two calls would not be recopied; nothing in pirl changes a
+    pass's inputs in place. Outputs are cloned, so a later replay never changes what an earlier call
+    returned.
     """
 
     def __init__(self, fn: TensorFn, example: Sequence[Tensor], recorder: Recorder):

@@ -188,6 +188,8 @@ class FlowPolicy(nn.Module):
                              ) -> tuple[Tensor, Tensor]:
         b, n_cams = image_masks.shape
         backbone = self.paligemma_with_expert
+        if n_cams == 0:  # no row of the batch has any camera (`_drop_absent_cameras`): the prompt alone
+            return backbone.embed_tokens(tokens).to(self.compute_dtype), token_masks
         embedded = backbone.embed_images(images.flatten(0, 1))  # [B*n, T, W]
         embedded = embedded.reshape(b, n_cams * embedded.shape[1], embedded.shape[2])
         tokens_per_image = embedded.shape[1] // n_cams
@@ -199,6 +201,23 @@ class FlowPolicy(nn.Module):
         cfg = self.config
         inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.state_width)
 
+    @staticmethod
+    def _drop_absent_cameras(inputs: ModelInputs) -> ModelInputs:
+        """`inputs` without the cameras that no row of the batch has.
+
+        An absent camera's image tokens are masked out of every attention and do not advance the RoPE
+        positions, so they change no valid token: dropping them before SigLIP and the VLM gives the same
+        keys, values and valid hidden states for less work (a π0 with its third camera absent, as pirl's
+        and openpi's LIBERO inputs have it, embeds 560 prefix tokens instead of 816). The prefix is shorter
+        by the dropped tokens, its pad mask with it. Reads the masks on the host, once per prefix, outside
+        any captured pass. A camera that some rows have stays, masked where absent.
+        """
+        present = inputs.image_masks.any(0).cpu()
+        if bool(present.all()):
+            return inputs
+        keep = present.nonzero().flatten().to(inputs.images.device)
+        return dataclasses.replace(inputs, images=inputs.images[:, keep], image_masks=inputs.image_masks[:, keep])
+
     def embed_prefix(self, inputs: ModelInputs, hidden: bool = True) -> Prefix:
         """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call.
 
@@ -207,6 +226,7 @@ class FlowPolicy(nn.Module):
         work) and `Prefix.hidden` is None. The keys/values are the same either way.
         """
         self._validate(inputs)
+        inputs = self._drop_absent_cameras(inputs)
         tensors = [inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks]
         if hidden:
             pad, hidden_states, *kv = self._run("prefix_hidden", self._prefix_pass_hidden, tensors)
@@ -298,6 +318,7 @@ class FlowPolicy(nn.Module):
         Returns the expert output and the prefix hidden states [B, L, W_vlm].
         """
         self._validate(inputs)
+        inputs = self._drop_absent_cameras(inputs)
         prefix_embeds, prefix_pad = self._embed_prefix_tokens(inputs.images, inputs.image_masks, inputs.tokens,
                                                               inputs.token_masks)
         t = self._check_suffix_inputs(x_t, t, inputs.batch_size)

@@ -103,7 +103,9 @@ def test_a_camera_absent_from_the_whole_batch_is_dropped_without_changing_anythi
     def run(inputs):
         prefix = policy.embed_prefix(inputs)
         joint, prefix_hidden = policy.forward_joint(inputs, x_t, t)
-        return prefix, policy.velocity(prefix, x_t, t), prefix.pooled(), joint.velocity
+        valid = prefix.pad_mask[..., None].float()
+        joint_pooled = (prefix_hidden * valid).sum(1) / valid.sum(1)  # the joint pass's valid prefix tokens
+        return prefix, policy.velocity(prefix, x_t, t), prefix.pooled(), joint.velocity, joint_pooled
 
     full_length = len(cfg.camera_names) * tokens_per_image + cfg.max_token_len
     for inputs, dropped in ((per_row, 0), (everywhere, 1), (nothing, len(cfg.camera_names))):

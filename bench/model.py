@@ -304,11 +304,15 @@ def part_latency(name: str, s: "Settings") -> dict:
     policies = {d: build(real_shape_config(s.base[name], d, s.vocab), s.dtype) for d in s.depths}
     cfg = policies[s.depths[0]].config
     inputs = random_inputs(policies[s.depths[0]], 1)
+    # the LIBERO layout (pirl's recipes and openpi's π0 inputs): the third camera absent, dropped before SigLIP
+    absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
+    absent.image_masks[:, -1] = False
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     one = torch.ones(1)
     fns, repeats = {}, {}
     with torch.no_grad():
         prefixes = {d: p.embed_prefix(inputs) for d, p in policies.items()}
+        absent_prefixes = {d: p.embed_prefix(absent, hidden=False) for d, p in policies.items()}
         for d, p in policies.items():
             fns[f"vision_d{d}"] = functools.partial(p.paligemma_with_expert.embed_images, inputs.images.flatten(0, 1))
             fns[f"prefix_d{d}"] = functools.partial(p.embed_prefix, inputs)
@@ -316,6 +320,11 @@ def part_latency(name: str, s: "Settings") -> dict:
             fns[f"expert_step_d{d}"] = functools.partial(calls, functools.partial(p.velocity, prefixes[d], noise, one),
                                                          EXPERT_BLOCK)
             fns[f"joint_step_d{d}"] = functools.partial(p.forward_joint, inputs, noise, one)
+            fns[f"vision_absent_d{d}"] = functools.partial(p.paligemma_with_expert.embed_images,
+                                                           inputs.images[:, :-1].flatten(0, 1))
+            fns[f"prefix_kv_absent_d{d}"] = functools.partial(p.embed_prefix, absent, hidden=False)
+            fns[f"expert_step_absent_d{d}"] = functools.partial(
+                calls, functools.partial(p.velocity, absent_prefixes[d], noise, one), EXPERT_BLOCK)
         p1 = policies[s.depths[0]]
         for k in s.ks:
             fns[f"cached_K{k}"] = functools.partial(p1.sample_actions, inputs, noise=noise, num_steps=k)
@@ -333,6 +342,17 @@ def part_latency(name: str, s: "Settings") -> dict:
                        **extrapolate(ms[f"{part}_d{d1}"], ms[f"{part}_d{d2}"], v1, v2)}
     parts["vision"] = {f"d{d1}": ms[f"vision_d{d1}"], f"d{d2}": ms[f"vision_d{d2}"],
                        **extrapolate(ms[f"vision_d{d1}"], ms[f"vision_d{d2}"], ms[f"vision_d{d1}"], ms[f"vision_d{d2}"])}
+    for part, vision in (("prefix_kv_absent", True), ("expert_step_absent", False)):
+        v1, v2 = (ms[f"vision_absent_d{d1}"], ms[f"vision_absent_d{d2}"]) if vision else (0.0, 0.0)
+        parts[part] = {f"d{d1}": ms[f"{part}_d{d1}"], f"d{d2}": ms[f"{part}_d{d2}"],
+                       **extrapolate(ms[f"{part}_d{d1}"], ms[f"{part}_d{d2}"], v1, v2)}
+    absent_chunks = {}  # cached chunks from the passes, every camera present vs the third absent
+    for k in s.ks:
+        for label in (f"d{d1}", f"d{d2}", "full"):
+            present = parts["prefix_kv"][label] + k * parts["expert_step"][label]
+            without = parts["prefix_kv_absent"][label] + k * parts["expert_step_absent"][label]
+            absent_chunks[f"K{k}_{label}"] = {"all_cameras_ms": present, "third_absent_ms": without,
+                                              "ratio": without / present}
     chunks = []
     for k in s.ks:
         row = {"K": k, "measured_depth": d1, "cached_ms": ms[f"cached_K{k}"], "recompute_ms": ms[f"recompute_K{k}"],
@@ -344,6 +364,7 @@ def part_latency(name: str, s: "Settings") -> dict:
             row[f"model_{label}"] = {"cached_ms": cached, "recompute_ms": recompute, "speedup": recompute / cached}
         chunks.append(row)
     return {"config": name, "prefix_tokens": int(prefixes[d1].pad_mask.shape[1]),
+            "absent_prefix_tokens": int(absent_prefixes[d1].pad_mask.shape[1]), "absent_camera_chunks": absent_chunks,
             "suffix_tokens": cfg.action_horizon + (cfg.variant == "pi0"), "params_m": {
                 f"d{d}": sum(x.numel() for x in p.parameters()) / 1e6 for d, p in policies.items()},
             "chunks": chunks, "parts_ms": parts, "times": times}
@@ -817,12 +838,25 @@ def real_markdown(r: dict) -> list[str]:
         for part, label in (("vision", "SigLIP tower + projector (3 images)"),
                             ("prefix", "prefix with hidden states (value / critic features)"),
                             ("prefix_kv", "prefix, keys / values only (`sample_actions`)"),
-                            ("expert_step", "one cached expert step"), ("joint_step", "one joint prefix + suffix step")):
-            p = lat["parts_ms"][part]
+                            ("expert_step", "one cached expert step"), ("joint_step", "one joint prefix + suffix step"),
+                            ("prefix_kv_absent", "prefix, keys / values only, third camera absent"),
+                            ("expert_step_absent", "one cached expert step, third camera absent")):
+            p = lat["parts_ms"].get(part)
+            if p is None:  # a result file from before the absent-camera rows
+                continue
             g = "-" if part == "vision" else f"{p['gemma_layer']:.1f}"
-            v = "-" if part == "expert_step" else f"{p['vision_layer']:.1f}"
+            v = "-" if part.startswith("expert_step") else f"{p['vision_layer']:.1f}"
             lines.append(f"| {label} | {p[f'd{d1}']:.1f} | {p[f'd{d2}']:.1f} | {p['fixed']:.1f} | {v} | {g} | {p['full']:.0f} |")
         lines.append("")
+        chunks = lat.get("absent_camera_chunks")
+        if chunks:
+            k = max(r["settings"]["ks"])
+            c = chunks[f"K{k}_full"]
+            lines += [f"The third camera absent (the LIBERO layout; pirl drops it before SigLIP): "
+                      f"{lat['absent_prefix_tokens']} prefix tokens instead of {lat['prefix_tokens']}; a cached K = {k} "
+                      f"chunk at 27 / 18 layers {c['third_absent_ms']:.0f} ms instead of {c['all_cameras_ms']:.0f} ms "
+                      f"(**{c['ratio']:.2f}x**; depth {d1} / {d2}: {chunks[f'K{k}_d{d1}']['ratio']:.2f} / "
+                      f"{chunks[f'K{k}_d{d2}']['ratio']:.2f}), from the passes above.", ""]
     hf = r.get("transformers_pi0")
     if hf:
         lines += [f"### pirl against transformers' PI0 (π0, same weights, inputs and noise, K = {hf['K']}, batch 1)", "",

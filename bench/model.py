@@ -299,14 +299,20 @@ def layer_loop(which: str):
 # -- the parts ------------------------------------------------------------------------------------------
 
 
+def third_camera_absent(inputs):
+    """The LIBERO layout of pirl's recipes and openpi's π0 inputs: the third camera black and masked out
+    in every row (pirl drops it before SigLIP, `FlowPolicy._drop_absent_cameras`)."""
+    absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
+    absent.image_masks[:, -1] = False
+    return absent
+
+
 def part_latency(name: str, s: "Settings") -> dict:
     """Chunks (cached and recomputed, K = 4 and 10) at depth 1; per-pass times at depths 1 and 2."""
     policies = {d: build(real_shape_config(s.base[name], d, s.vocab), s.dtype) for d in s.depths}
     cfg = policies[s.depths[0]].config
     inputs = random_inputs(policies[s.depths[0]], 1)
-    # the LIBERO layout (pirl's recipes and openpi's π0 inputs): the third camera absent, dropped before SigLIP
-    absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
-    absent.image_masks[:, -1] = False
+    absent = third_camera_absent(inputs)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     one = torch.ones(1)
     fns, repeats = {}, {}
@@ -386,9 +392,7 @@ def part_transformers(s: "Settings") -> dict:
         inputs = random_inputs(policy, 1)
         inputs.tokens = inputs.tokens.clamp(max=cfg.vocab_size - 2)  # the last id is the image placeholder
         inputs.image_masks[:] = True
-        # openpi's π0 inputs for LIBERO: the third camera absent (black, masked out)
-        absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
-        absent.image_masks[:, -1] = False
+        absent = third_camera_absent(inputs)
         noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
         cases = {"": inputs, "absent_": absent}
         with torch.no_grad():

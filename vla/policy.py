@@ -197,9 +197,11 @@ class FlowPolicy(nn.Module):
         text = backbone.embed_tokens(tokens).to(embedded.dtype)
         return torch.cat([embedded, text], 1), torch.cat([image_pad, token_masks], 1)
 
-    def _validate(self, inputs: ModelInputs) -> None:
+    def _checked(self, inputs: ModelInputs) -> ModelInputs:
+        """`inputs` validated against the config, without the cameras no row has (`_drop_absent_cameras`)."""
         cfg = self.config
         inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.state_width)
+        return self._drop_absent_cameras(inputs)
 
     @staticmethod
     def _drop_absent_cameras(inputs: ModelInputs) -> ModelInputs:
@@ -227,8 +229,7 @@ class FlowPolicy(nn.Module):
         (its attention, output projection and MLP make only the final hidden states, ~1/depth of the VLM's
         work) and `Prefix.hidden` is None. The keys/values are the same either way.
         """
-        self._validate(inputs)
-        inputs = self._drop_absent_cameras(inputs)
+        inputs = self._checked(inputs)
         tensors = [inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks]
         if hidden:
             pad, hidden_states, *kv = self._run("prefix_hidden", self._prefix_pass_hidden, tensors)
@@ -319,8 +320,7 @@ class FlowPolicy(nn.Module):
 
         Returns the expert output and the prefix hidden states [B, L, W_vlm].
         """
-        self._validate(inputs)
-        inputs = self._drop_absent_cameras(inputs)
+        inputs = self._checked(inputs)
         prefix_embeds, prefix_pad = self._embed_prefix_tokens(inputs.images, inputs.image_masks, inputs.tokens,
                                                               inputs.token_masks)
         t = self._check_suffix_inputs(x_t, t, inputs.batch_size)

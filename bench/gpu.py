@@ -143,7 +143,7 @@ def part_latency(name: str, device: torch.device, dtype: str, batches: list[int]
     cfg = policy.config
     rows = []
     for b in batches:
-        inputs = random_inputs(policy, b).to(device)
+        inputs = random_inputs(policy, b, pad_tokens=False).to(device)
         noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
         chunk = lambda: policy.sample_actions(inputs, noise=noise, num_steps=steps)  # noqa: E731
         prefix_only = lambda: policy.embed_prefix(inputs)  # noqa: E731
@@ -216,7 +216,7 @@ def part_transformers(name: str, device: torch.device, dtype: str, batches: list
     # every camera present at each batch size; then openpi's π0 LIBERO inputs (the third camera
     # absent, which pirl drops before SigLIP) at the smallest
     for b, cameras in [(b, "all") for b in batches] + [(batches[0], "third absent")]:
-        inputs = random_inputs(policy, b)
+        inputs = random_inputs(policy, b, pad_tokens=False)
         inputs.tokens = inputs.tokens.clamp(max=cfg.vocab_size - 2)  # the last id is the image placeholder
         inputs.image_masks[:] = True
         inputs.image_masks[:, -1] = cameras == "all"
@@ -255,7 +255,7 @@ def part_profile(name: str, device: torch.device, dtype: str, steps: int, out: P
 
     policy = build_policy(name, device, dtype)
     cfg = policy.config
-    inputs = random_inputs(policy, 1).to(device)
+    inputs = random_inputs(policy, 1, pad_tokens=False).to(device)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():

@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:
 from vla.backbone import (  # noqa: E402
     KVCache, PaliGemmaWithExpert, Stream, apply_norm, apply_rotary_pos_emb, gated_residual)
 from vla.config import ModelConfig, get_config  # noqa: E402
-from vla.policy import FlowPolicy  # noqa: E402
+from vla.policy import PROMPT_BUCKET, FlowPolicy  # noqa: E402
 from vla.testing import random_inputs  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -299,26 +299,41 @@ def layer_loop(which: str):
 # -- the parts ------------------------------------------------------------------------------------------
 
 
+# Prompt tokens of a LIBERO observation, estimated for Gemma's tokenizer (no copy of it is stored here):
+# π0, BOS + a 10-15-word instruction + "\n"; π0.5, "Task: <instruction>, State: <8 bins>;\nAction: " with
+# each bin written as up to three digits, which Gemma splits into one token each.
+LIBERO_PROMPT_TOKENS = {"pi0": 24, "pi05": 56}
+
+
 def third_camera_absent(inputs):
-    """The LIBERO layout of pirl's recipes and openpi's π0 inputs: the third camera black and masked out
-    in every row (pirl drops it before SigLIP, `FlowPolicy._drop_absent_cameras`)."""
+    """openpi's π0 inputs for LIBERO: the third camera black and masked out in every row (pirl drops it
+    before SigLIP, `FlowPolicy._drop_masked_columns`)."""
     absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
     absent.image_masks[:, -1] = False
     return absent
+
+
+def libero_layout(inputs, prompt_tokens: int):
+    """The third camera absent and a prompt of `prompt_tokens` tokens, the rest padding: pirl keeps the
+    prompt columns up to the next multiple of `PROMPT_BUCKET`."""
+    mask = (torch.arange(inputs.tokens.shape[1]) < prompt_tokens).expand_as(inputs.token_masks).clone()
+    return dataclasses.replace(third_camera_absent(inputs), tokens=inputs.tokens * mask, token_masks=mask)
 
 
 def part_latency(name: str, s: "Settings") -> dict:
     """Chunks (cached and recomputed, K = 4 and 10) at depth 1; per-pass times at depths 1 and 2."""
     policies = {d: build(real_shape_config(s.base[name], d, s.vocab), s.dtype) for d in s.depths}
     cfg = policies[s.depths[0]].config
-    inputs = random_inputs(policies[s.depths[0]], 1)
-    absent = third_camera_absent(inputs)
+    inputs = random_inputs(policies[s.depths[0]], 1, pad_tokens=False)  # every camera, every prompt column
+    prompt_tokens = LIBERO_PROMPT_TOKENS.get(s.base[name], 8)  # the dry run's toy configs: 8 tokens
+    layouts = {"absent": third_camera_absent(inputs), "libero": libero_layout(inputs, prompt_tokens)}
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     one = torch.ones(1)
     fns, repeats = {}, {}
     with torch.no_grad():
         prefixes = {d: p.embed_prefix(inputs) for d, p in policies.items()}
-        absent_prefixes = {d: p.embed_prefix(absent, hidden=False) for d, p in policies.items()}
+        layout_prefixes = {(case, d): p.embed_prefix(x, hidden=False)
+                           for case, x in layouts.items() for d, p in policies.items()}
         for d, p in policies.items():
             fns[f"vision_d{d}"] = functools.partial(p.paligemma_with_expert.embed_images, inputs.images.flatten(0, 1))
             fns[f"prefix_d{d}"] = functools.partial(p.embed_prefix, inputs)
@@ -328,9 +343,10 @@ def part_latency(name: str, s: "Settings") -> dict:
             fns[f"joint_step_d{d}"] = functools.partial(p.forward_joint, inputs, noise, one)
             fns[f"vision_absent_d{d}"] = functools.partial(p.paligemma_with_expert.embed_images,
                                                            inputs.images[:, :-1].flatten(0, 1))
-            fns[f"prefix_kv_absent_d{d}"] = functools.partial(p.embed_prefix, absent, hidden=False)
-            fns[f"expert_step_absent_d{d}"] = functools.partial(
-                calls, functools.partial(p.velocity, absent_prefixes[d], noise, one), EXPERT_BLOCK)
+            for case, x in layouts.items():
+                fns[f"prefix_kv_{case}_d{d}"] = functools.partial(p.embed_prefix, x, hidden=False)
+                fns[f"expert_step_{case}_d{d}"] = functools.partial(
+                    calls, functools.partial(p.velocity, layout_prefixes[case, d], noise, one), EXPERT_BLOCK)
         p1 = policies[s.depths[0]]
         for k in s.ks:
             fns[f"cached_K{k}"] = functools.partial(p1.sample_actions, inputs, noise=noise, num_steps=k)
@@ -348,17 +364,18 @@ def part_latency(name: str, s: "Settings") -> dict:
                        **extrapolate(ms[f"{part}_d{d1}"], ms[f"{part}_d{d2}"], v1, v2)}
     parts["vision"] = {f"d{d1}": ms[f"vision_d{d1}"], f"d{d2}": ms[f"vision_d{d2}"],
                        **extrapolate(ms[f"vision_d{d1}"], ms[f"vision_d{d2}"], ms[f"vision_d{d1}"], ms[f"vision_d{d2}"])}
-    for part, vision in (("prefix_kv_absent", True), ("expert_step_absent", False)):
-        v1, v2 = (ms[f"vision_absent_d{d1}"], ms[f"vision_absent_d{d2}"]) if vision else (0.0, 0.0)
-        parts[part] = {f"d{d1}": ms[f"{part}_d{d1}"], f"d{d2}": ms[f"{part}_d{d2}"],
-                       **extrapolate(ms[f"{part}_d{d1}"], ms[f"{part}_d{d2}"], v1, v2)}
-    absent_chunks = {}  # cached chunks from the passes, every camera present vs the third absent
-    for k in s.ks:
-        for label in (f"d{d1}", f"d{d2}", "full"):
-            present = parts["prefix_kv"][label] + k * parts["expert_step"][label]
-            without = parts["prefix_kv_absent"][label] + k * parts["expert_step_absent"][label]
-            absent_chunks[f"K{k}_{label}"] = {"all_cameras_ms": present, "third_absent_ms": without,
-                                              "ratio": without / present}
+    layout_chunks = {case: {} for case in layouts}  # cached chunks from the passes: each layout vs all columns
+    for case in layouts:  # both layouts run SigLIP on two images
+        for part, vision in ((f"prefix_kv_{case}", True), (f"expert_step_{case}", False)):
+            v1, v2 = (ms[f"vision_absent_d{d1}"], ms[f"vision_absent_d{d2}"]) if vision else (0.0, 0.0)
+            parts[part] = {f"d{d1}": ms[f"{part}_d{d1}"], f"d{d2}": ms[f"{part}_d{d2}"],
+                           **extrapolate(ms[f"{part}_d{d1}"], ms[f"{part}_d{d2}"], v1, v2)}
+        for k in s.ks:
+            for label in (f"d{d1}", f"d{d2}", "full"):
+                present = parts["prefix_kv"][label] + k * parts["expert_step"][label]
+                without = parts[f"prefix_kv_{case}"][label] + k * parts[f"expert_step_{case}"][label]
+                layout_chunks[case][f"K{k}_{label}"] = {"all_cameras_ms": present, "third_absent_ms": without,
+                                                        "ratio": without / present}
     chunks = []
     for k in s.ks:
         row = {"K": k, "measured_depth": d1, "cached_ms": ms[f"cached_K{k}"], "recompute_ms": ms[f"recompute_K{k}"],
@@ -370,7 +387,10 @@ def part_latency(name: str, s: "Settings") -> dict:
             row[f"model_{label}"] = {"cached_ms": cached, "recompute_ms": recompute, "speedup": recompute / cached}
         chunks.append(row)
     return {"config": name, "prefix_tokens": int(prefixes[d1].pad_mask.shape[1]),
-            "absent_prefix_tokens": int(absent_prefixes[d1].pad_mask.shape[1]), "absent_camera_chunks": absent_chunks,
+            "absent_prefix_tokens": int(layout_prefixes["absent", d1].pad_mask.shape[1]),
+            "absent_camera_chunks": layout_chunks["absent"], "libero_prompt_tokens": prompt_tokens,
+            "libero_prefix_tokens": int(layout_prefixes["libero", d1].pad_mask.shape[1]),
+            "libero_chunks": layout_chunks["libero"],
             "suffix_tokens": cfg.action_horizon + (cfg.variant == "pi0"), "params_m": {
                 f"d{d}": sum(x.numel() for x in p.parameters()) / 1e6 for d, p in policies.items()},
             "chunks": chunks, "parts_ms": parts, "times": times}
@@ -389,7 +409,7 @@ def part_transformers(s: "Settings") -> dict:
         policy = FlowPolicy(cfg).eval()
         state = {canonical_name(n): v for n, v in reference.state_dict().items()}
         policy.load_state_dict({n: v for n, v in state.items() if n in policy.state_dict()}, strict=True)
-        inputs = random_inputs(policy, 1)
+        inputs = random_inputs(policy, 1, pad_tokens=False)
         inputs.tokens = inputs.tokens.clamp(max=cfg.vocab_size - 2)  # the last id is the image placeholder
         inputs.image_masks[:] = True
         absent = third_camera_absent(inputs)
@@ -629,7 +649,7 @@ def part_profile_and_waste(s: "Settings") -> dict:
     k = max(s.ks)
     policies = {d: build(real_shape_config(s.base["pi0"], d, s.vocab), s.dtype) for d in s.depths}
     cfg = policies[s.depths[0]].config
-    inputs = random_inputs(policies[s.depths[0]], 1)
+    inputs = random_inputs(policies[s.depths[0]], 1, pad_tokens=False)
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     t = torch.full((1,), 0.5)
     chunks = {d: functools.partial(p.sample_actions, inputs, noise=noise, num_steps=k) for d, p in policies.items()}
@@ -844,21 +864,30 @@ def real_markdown(r: dict) -> list[str]:
                             ("prefix_kv", "prefix, keys / values only (`sample_actions`)"),
                             ("expert_step", "one cached expert step"), ("joint_step", "one joint prefix + suffix step"),
                             ("prefix_kv_absent", "prefix, keys / values only, third camera absent"),
-                            ("expert_step_absent", "one cached expert step, third camera absent")):
+                            ("expert_step_absent", "one cached expert step, third camera absent"),
+                            ("prefix_kv_libero", "prefix, keys / values only, third camera absent, LIBERO-length prompt"),
+                            ("expert_step_libero", "one cached expert step, third camera absent, LIBERO-length prompt")):
             p = lat["parts_ms"].get(part)
-            if p is None:  # a result file from before the absent-camera rows
+            if p is None:  # a result file from before these rows
                 continue
             g = "-" if part == "vision" else f"{p['gemma_layer']:.1f}"
             v = "-" if part.startswith("expert_step") else f"{p['vision_layer']:.1f}"
             lines.append(f"| {label} | {p[f'd{d1}']:.1f} | {p[f'd{d2}']:.1f} | {p['fixed']:.1f} | {v} | {g} | {p['full']:.0f} |")
         lines.append("")
-        chunks = lat.get("absent_camera_chunks")
-        if chunks:
+        layouts = (("absent_camera_chunks", "absent_prefix_tokens",
+                    "The third camera absent (openpi's π0 LIBERO cameras; pirl drops it before SigLIP)"),
+                   ("libero_chunks", "libero_prefix_tokens",
+                    f"The LIBERO layout with its prompt (the third camera absent and a {lat.get('libero_prompt_tokens')}"
+                    f"-token prompt, an estimate for Gemma's tokenizer; pirl keeps the prompt columns up to the next "
+                    f"multiple of {PROMPT_BUCKET})"))
+        for key, tokens, what in layouts:
+            chunks = lat.get(key)
+            if not chunks:  # a result file from before this layout
+                continue
             k = max(r["settings"]["ks"])
             c = chunks[f"K{k}_full"]
-            lines += [f"The third camera absent (the LIBERO layout; pirl drops it before SigLIP): "
-                      f"{lat['absent_prefix_tokens']} prefix tokens instead of {lat['prefix_tokens']}; a cached K = {k} "
-                      f"chunk at 27 / 18 layers {c['third_absent_ms']:.0f} ms instead of {c['all_cameras_ms']:.0f} ms "
+            lines += [f"{what}: {lat[tokens]} prefix tokens instead of {lat['prefix_tokens']}; a cached K = {k} chunk at "
+                      f"27 / 18 layers {c['third_absent_ms']:.0f} ms instead of {c['all_cameras_ms']:.0f} ms "
                       f"(**{c['ratio']:.2f}x**; depth {d1} / {d2}: {chunks[f'K{k}_d{d1}']['ratio']:.2f} / "
                       f"{chunks[f'K{k}_d{d2}']['ratio']:.2f}), from the passes above.", ""]
     hf = r.get("transformers_pi0")
@@ -889,7 +918,7 @@ def real_markdown(r: dict) -> list[str]:
             lines += ["#### The third camera absent (openpi's π0 inputs for LIBERO), same run", "",
                       "The camera is black and masked out of the attention in both. transformers embeds it with "
                       f"SigLIP and carries its tokens through the VLM ({hf['prefix_tokens']} prefix tokens); pirl drops "
-                      "a camera that no row of the batch has before SigLIP (`FlowPolicy._drop_absent_cameras`, exact: "
+                      "a camera that no row of the batch has before SigLIP (`FlowPolicy._drop_masked_columns`, exact: "
                       f"{hf['absent_prefix_tokens']} tokens). Max action difference in fp32 at depth {d1}: "
                       f"{hf['max_abs_diff_fp32_depth1_absent_camera']:.1e}.", "",
                       "| depth | pirl (ms) | transformers (ms) | ratio | pirl peak (MB) | transformers peak (MB) | "

@@ -32,9 +32,11 @@ def test_real_shape_benchmark_dry_run(tmp_path):
             assert c["cached_ms"] > 0 and c["recompute_ms"] > 0
             assert all(math.isfinite(c[f"model_{x}"]["speedup"]) for x in ("d1", "d2", "full"))
         assert set(lat["parts_ms"]) == {"vision", "prefix", "prefix_kv", "expert_step", "joint_step",
-                                        "prefix_kv_absent", "expert_step_absent"}
-        assert lat["absent_prefix_tokens"] < lat["prefix_tokens"]
-        assert all(math.isfinite(c["ratio"]) for c in lat["absent_camera_chunks"].values())
+                                        "prefix_kv_absent", "expert_step_absent", "prefix_kv_libero",
+                                        "expert_step_libero"}
+        assert lat["libero_prefix_tokens"] < lat["absent_prefix_tokens"] < lat["prefix_tokens"]
+        for case in ("absent_camera_chunks", "libero_chunks"):
+            assert all(math.isfinite(c["ratio"]) for c in lat[case].values())
     assert r["latency_pi0"]["suffix_tokens"] == r["latency_pi05"]["suffix_tokens"] + 1  # π0's state token
 
     hf = r["transformers_pi0"]

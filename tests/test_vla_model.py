@@ -10,7 +10,7 @@ import torch
 from tests.hf_reference import hf_inputs, hf_pi0
 from vla.checkpoint import canonical_name
 from vla.config import ModelConfig, from_dict, get_config, tiny
-from vla.policy import FlowPolicy, masked_velocity_mse
+from vla.policy import PROMPT_BUCKET, FlowPolicy, masked_velocity_mse
 from vla.testing import random_inputs, tiny_policy
 
 VARIANTS = ["pi0", "pi05"]
@@ -86,8 +86,9 @@ def test_velocity_depends_on_valid_observation_only(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_camera_absent_from_the_whole_batch_is_dropped_without_changing_anything(variant, monkeypatch):
-    """Its tokens are masked everywhere, so dropping them before SigLIP and the VLM is exact (fp32)."""
+def test_prefix_columns_no_row_attends_to_are_dropped_without_changing_anything(variant, monkeypatch):
+    """A camera absent from the whole batch and the prompt columns after every row's last token are
+    masked everywhere, so dropping them before SigLIP and the VLM is exact (fp32)."""
     policy = tiny_policy(6, variant)
     cfg = policy.config
     tokens_per_image = cfg.vision.tokens_per_image
@@ -97,6 +98,11 @@ def test_a_camera_absent_from_the_whole_batch_is_dropped_without_changing_anythi
     everywhere.image_masks[:, -1] = False
     nothing = copy.copy(per_row)
     nothing.image_masks = torch.zeros_like(per_row.image_masks)
+    short = copy.copy(per_row)  # prompts of 5, 2 and 3 tokens: one bucket of columns is kept
+    short.token_masks = torch.arange(cfg.max_token_len)[None, :] < torch.tensor([[5], [2], [3]])
+    short.tokens = per_row.tokens * short.token_masks
+    short_everywhere = copy.copy(everywhere)
+    short_everywhere.tokens, short_everywhere.token_masks = short.tokens, short.token_masks
     x_t = torch.randn(3, cfg.action_horizon, cfg.action_dim)
     t = torch.tensor([0.9, 0.5, 0.2])
 
@@ -108,17 +114,24 @@ def test_a_camera_absent_from_the_whole_batch_is_dropped_without_changing_anythi
         return prefix, policy.velocity(prefix, x_t, t), prefix.pooled(), joint.velocity, joint_pooled
 
     full_length = len(cfg.camera_names) * tokens_per_image + cfg.max_token_len
-    for inputs, dropped in ((per_row, 0), (everywhere, 1), (nothing, len(cfg.camera_names))):
+    assert PROMPT_BUCKET < cfg.max_token_len
+    cases = ((per_row, 0), (everywhere, 1), (nothing, len(cfg.camera_names)), (short, 0), (short_everywhere, 1))
+    for inputs, dropped in cases:
+        used = int(inputs.token_masks.sum(1).max())
+        prompt_columns = min(cfg.max_token_len, -(-used // PROMPT_BUCKET) * PROMPT_BUCKET)
         prefix, *outputs = run(inputs)
-        assert prefix.pad_mask.shape[1] == full_length - dropped * tokens_per_image
-        with monkeypatch.context() as m:  # the reference: every camera's tokens kept and masked
-            m.setattr(FlowPolicy, "_drop_absent_cameras", staticmethod(lambda inputs: inputs))
+        assert prefix.pad_mask.shape[1] == (full_length - dropped * tokens_per_image
+                                            - (cfg.max_token_len - prompt_columns))
+        with monkeypatch.context() as m:  # the reference: every column kept and masked
+            m.setattr(FlowPolicy, "_drop_masked_columns", staticmethod(lambda inputs, trim_prompt=True: inputs))
             ref_prefix, *refs = run(inputs)
         assert ref_prefix.pad_mask.shape[1] == full_length
         for out, ref in zip(outputs, refs):
             torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-    # Negative control: the camera the batch lacks did reach the actions while it was there.
+    assert run(short)[0].pad_mask.shape[1] == full_length - cfg.max_token_len + PROMPT_BUCKET
+    # Negative controls: the camera the batch lacks and the prompt's later tokens did reach the actions.
     assert (run(per_row)[1] - run(everywhere)[1])[:2].abs().max() > 1e-4
+    assert (run(per_row)[1] - run(short)[1]).abs().max() > 1e-4
 
 
 def test_actions_equal_transformers_pi0_reference():

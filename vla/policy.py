@@ -27,6 +27,8 @@ from vla.config import ModelConfig
 from vla.graphs import GraphCache
 from vla.inputs import ModelInputs
 
+PROMPT_BUCKET = 16  # prompt columns are kept in multiples of this (`FlowPolicy._drop_masked_columns`)
+
 
 @dataclasses.dataclass(frozen=True)
 class Prefix:
@@ -188,7 +190,7 @@ class FlowPolicy(nn.Module):
                              ) -> tuple[Tensor, Tensor]:
         b, n_cams = image_masks.shape
         backbone = self.paligemma_with_expert
-        if n_cams == 0:  # no row of the batch has any camera (`_drop_absent_cameras`): the prompt alone
+        if n_cams == 0:  # no row of the batch has any camera (`_drop_masked_columns`): the prompt alone
             return backbone.embed_tokens(tokens).to(self.compute_dtype), token_masks
         embedded = backbone.embed_images(images.flatten(0, 1))  # [B*n, T, W]
         embedded = embedded.reshape(b, n_cams * embedded.shape[1], embedded.shape[2])
@@ -198,29 +200,43 @@ class FlowPolicy(nn.Module):
         return torch.cat([embedded, text], 1), torch.cat([image_pad, token_masks], 1)
 
     def _checked(self, inputs: ModelInputs) -> ModelInputs:
-        """`inputs` validated against the config, without the cameras no row has (`_drop_absent_cameras`)."""
+        """`inputs` validated against the config, without the columns no row attends to
+        (`_drop_masked_columns`)."""
         cfg = self.config
         inputs.validate(len(cfg.camera_names), cfg.vision.image_size, cfg.max_token_len, cfg.state_width)
-        return self._drop_absent_cameras(inputs)
+        # Captured graphs are per input shape: with them on, the prompt keeps its full width, so that the
+        # server's warm-up captures every graph its requests will replay (one per batch size).
+        return self._drop_masked_columns(inputs, trim_prompt=self.graphs is None)
 
     @staticmethod
-    def _drop_absent_cameras(inputs: ModelInputs) -> ModelInputs:
-        """`inputs` without the cameras that no row of the batch has.
+    def _drop_masked_columns(inputs: ModelInputs, trim_prompt: bool = True) -> ModelInputs:
+        """`inputs` without the cameras that no row of the batch has, and (`trim_prompt`) without the
+        prompt's trailing padding columns that no row fills (kept up to a multiple of `PROMPT_BUCKET`).
 
-        An absent camera's image tokens are masked out of every attention and do not advance the RoPE
-        positions, so they change no valid token: dropping them before SigLIP and the VLM gives the same
-        keys, values and valid hidden states for less work (a π0 with its third camera absent, as pirl's
-        and openpi's LIBERO inputs have it, embeds 560 prefix tokens instead of 816). The prefix is shorter
-        by the dropped tokens, its pad mask with it. Reads the masks on the host, once per prefix, outside
-        any captured pass. A camera that some rows have stays, masked where absent.
+        Masked prefix tokens are masked out of every attention and do not advance the RoPE positions,
+        so they change no valid token: dropping them gives the same keys, values and valid hidden states
+        for less work. A π0 with its third camera absent, as pirl's and openpi's LIBERO inputs have it,
+        embeds 560 prefix tokens instead of 816; a π0.5 prompt (task and discretised state) fills about
+        a third of its 200 columns. The prefix is shorter by the dropped tokens, its pad mask with it.
+        Rounding the prompt up to a bucket bounds the number of distinct prefix shapes. Reads the masks
+        on the host once per prefix, outside any captured pass. A camera or a column that some rows have
+        stays, masked where absent.
         """
         if inputs.image_masks.is_meta:  # shapes only (size checks of the full configs): nothing to read
             return inputs
-        present = inputs.image_masks.any(0).cpu()
-        if bool(present.all()):
+        n_cams, max_len = inputs.image_masks.shape[1], inputs.tokens.shape[1]
+        present = torch.cat([inputs.image_masks.any(0), inputs.token_masks.any(0)]).cpu()
+        cameras, columns = present[:n_cams], present[n_cams:]
+        used = int(columns.nonzero().max()) + 1 if bool(columns.any()) else 0
+        keep_len = min(max_len, max(1, -(-used // PROMPT_BUCKET)) * PROMPT_BUCKET) if trim_prompt else max_len
+        if bool(cameras.all()) and keep_len == max_len:
             return inputs
-        keep = present.nonzero().flatten().to(inputs.images.device)
-        return dataclasses.replace(inputs, images=inputs.images[:, keep], image_masks=inputs.image_masks[:, keep])
+        trimmed = dataclasses.replace(inputs, tokens=inputs.tokens[:, :keep_len],
+                                      token_masks=inputs.token_masks[:, :keep_len])
+        if bool(cameras.all()):
+            return trimmed
+        keep = cameras.nonzero().flatten().to(inputs.images.device)
+        return dataclasses.replace(trimmed, images=inputs.images[:, keep], image_masks=inputs.image_masks[:, keep])
 
     def embed_prefix(self, inputs: ModelInputs, hidden: bool = True) -> Prefix:
         """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call.

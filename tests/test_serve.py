@@ -122,6 +122,32 @@ def test_metadata_and_health(server):
     assert conn.getresponse().read() == b"OK\n"
 
 
+def test_stats_report_the_answers_latency_percentiles():
+    """/stats' `recent` section summarises exactly the server_timing the clients received."""
+    cfg = ServeConfig(checkpoint=CKPT, port=0, num_steps=4, max_batch=4, max_wait_ms=1.0)
+
+    def get_stats(port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/stats")
+        return json.loads(conn.getresponse().read())
+
+    with ServerThread(ServedPolicy.from_config(cfg), cfg) as st:
+        assert get_stats(st.server.port)["recent"] == {"answers": 0}
+        with WebsocketClientPolicy(st.url) as client:
+            timings = [client.infer(request(x, seed=i))["server_timing"] for i, x in enumerate(states(9, seed=2))]
+            with pytest.raises(ServerError):  # an error is counted, not timed
+                client.infer({"prompt": PROMPT})
+        stats = get_stats(st.server.port)
+    recent = stats["recent"]
+    assert recent["answers"] == 9 and stats["answered"] == 9 and stats["errors"] == 1
+    for key in ("total_ms", "queue_ms", "infer_ms", "decode_ms"):
+        values = [t[key] for t in timings]
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        assert recent[key] == {"p50": p50, "p90": p90, "p99": p99, "max": max(values)}
+    assert recent["total_ms"]["p50"] >= recent["infer_ms"]["p50"] > 0
+    assert recent["mean_batch_size"] == 1.0  # one client, one request at a time
+
+
 def test_served_actions_equal_local_exactly(server, local):
     s = states(6, seed=1)
     seeds, indices = [11, 12, 13, 14, 15, 2**62 + 5], [0, 0, 3, 0, 7, 1]

@@ -49,7 +49,7 @@ class ServeConfig:
     max_image_side: int = 1024
     api_key: str | None = None
     """Required `Authorization: Api-Key <key>` header (openpi-client's api_key); also read from the
-    PIRL_SERVE_API_KEY environment variable. /healthz needs none."""
+    PIRL_SERVE_API_KEY environment variable. /healthz and /stats need none."""
     shutdown_timeout_s: float = 30.0
     """On SIGTERM / SIGINT: stop accepting, answer what is queued or running, then close (at most this long)."""
     guidance: Any = None

@@ -44,6 +44,8 @@ from vla.checkpoint import atomic_file
 
 log = logging.getLogger("pirl.serve")
 
+RECENT = 1000  # /stats reports latency percentiles over the last this many answered requests
+
 
 @dataclasses.dataclass
 class _Pending:
@@ -51,6 +53,22 @@ class _Pending:
     future: asyncio.Future
     conn: ServerConnection
     t_queued: float
+
+
+def latency_summary(timings: list[dict]) -> dict:
+    """/stats' `recent` section: p50 / p90 / p99 / max of each `server_timing` field (ms) over the given
+    answers, and their mean batch size."""
+    import numpy as np
+
+    if not timings:
+        return {"answers": 0}
+    out: dict[str, Any] = {"answers": len(timings)}
+    for key in ("total_ms", "queue_ms", "infer_ms", "decode_ms"):
+        values = np.array([t[key] for t in timings])
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        out[key] = {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(values.max())}
+    out["mean_batch_size"] = float(np.mean([t["batch_size"] for t in timings]))
+    return out
 
 
 @dataclasses.dataclass
@@ -71,6 +89,7 @@ class PolicyServer:
         self.policy, self.cfg = policy, cfg
         self.api_key = cfg.api_key or os.environ.get("PIRL_SERVE_API_KEY") or None
         self.stats = Stats()
+        self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # answers' server_timing
         self.port: int | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
         self._outstanding = 0  # accepted requests not yet answered (queued, running, or being sent)
@@ -94,7 +113,8 @@ class PolicyServer:
             return conn.respond(http.HTTPStatus.OK, "OK\n")
         if path == "/stats":
             body = {**dataclasses.asdict(self.stats), "queued": len(self._pending), "outstanding": self._outstanding,
-                    "connections": len(self._connections), "draining": self._draining}
+                    "connections": len(self._connections), "draining": self._draining,
+                    "recent": latency_summary(list(self._recent))}
             return conn.respond(http.HTTPStatus.OK, json.dumps(body) + "\n")
         if self._draining:
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
@@ -188,6 +208,7 @@ class PolicyServer:
             log.exception("could not encode a response")
             return self._error("internal", f"could not encode the response: {type(err).__name__}: {err}"), True
         self.stats.answered += 1
+        self._recent.append(response["server_timing"])
         return frame, True
 
     # -- batching ----------------------------------------------------------------------------------

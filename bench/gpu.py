@@ -48,7 +48,7 @@ from pirl.train.common import set_trainable  # noqa: E402
 from pirl.train.rl_core import Agent, LocalLearner, OptimConfig, PPOMinibatch, SamplerConfig, mask_exec, ppo_loss  # noqa: E402
 from vla.config import get_config  # noqa: E402
 from vla.policy import FlowPolicy  # noqa: E402
-from vla.testing import random_inputs  # noqa: E402
+from vla.testing import LIBERO_PROMPT_TOKENS, libero_layout, random_inputs  # noqa: E402
 
 # Dense bf16 tensor-core peak from the vendors' datasheets (SXM parts), TFLOP/s.
 SPEC_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "B200": 2250.0}
@@ -161,6 +161,12 @@ def part_latency(name: str, device: torch.device, dtype: str, batches: list[int]
         if peak_tflops:
             row["floor_ms"] = flops / (peak_tflops * 1e12) * 1e3
             row["ratio_to_floor"] = ms / row["floor_ms"]
+        # the LIBERO layout, eager: the third camera and the prompt's unused columns dropped before the VLM
+        libero = libero_layout(inputs, LIBERO_PROMPT_TOKENS.get(name, 8))
+        with torch.no_grad():
+            row["libero_prefix_tokens"] = int(policy.embed_prefix(libero, hidden=False).pad_mask.shape[1])
+            row["libero_chunk_ms"] = median_ms(lambda: policy.sample_actions(libero, noise=noise, num_steps=steps),
+                                               device, repeats)
         # the same chunk replayed from CUDA graphs (`FlowPolicy.use_cuda_graphs`): first call = capture
         with torch.no_grad():
             eager_actions = chunk()
@@ -412,6 +418,14 @@ def to_markdown(r: dict) -> str:
                          f"| {fmt(row.get('ratio_to_floor'))} | {fmt(row.get('recompute_ms'))} "
                          f"| {fmt(row.get('prefix_cache_speedup'), '.2f')} | {fmt(row['peak_memory_mb'], '.0f')} |")
         lines.append("")
+        if "libero_chunk_ms" in rows[0]:
+            lines += ["The LIBERO layout, eager (the third camera absent and a LIBERO-length prompt, both dropped "
+                      "before the VLM; `FlowPolicy._drop_masked_columns`):", "",
+                      "| batch | prefix tokens | chunk (ms) | of the all-camera, full-prompt chunk |", "|---|---|---|---|"]
+            for row in rows:
+                lines.append(f"| {row['batch']} | {row['libero_prefix_tokens']} | {row['libero_chunk_ms']:.1f} "
+                             f"| {row['libero_chunk_ms'] / row['chunk_ms']:.2f}x |")
+            lines.append("")
         if "graphs_chunk_ms" in rows[0]:
             lines += [f"The same chunks replayed from CUDA graphs (`FlowPolicy.use_cuda_graphs`: the prefix pass and "
                       "the expert step, one graph each per batch size; actions against the eager chunk's):", "",

@@ -63,7 +63,7 @@ from vla.backbone import (  # noqa: E402
     KVCache, PaliGemmaWithExpert, Stream, apply_norm, apply_rotary_pos_emb, gated_residual)
 from vla.config import ModelConfig, get_config  # noqa: E402
 from vla.policy import PROMPT_BUCKET, FlowPolicy  # noqa: E402
-from vla.testing import random_inputs  # noqa: E402
+from vla.testing import LIBERO_PROMPT_TOKENS, libero_layout, random_inputs, third_camera_absent  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 FULL_DEPTH = {"vision": 27, "gemma": 18}  # SigLIP So400m; Gemma 2B and the 300M expert (18 each)
@@ -297,27 +297,6 @@ def layer_loop(which: str):
 
 
 # -- the parts ------------------------------------------------------------------------------------------
-
-
-# Prompt tokens of a LIBERO observation, estimated for Gemma's tokenizer (no copy of it is stored here):
-# π0, BOS + a 10-15-word instruction + "\n"; π0.5, "Task: <instruction>, State: <8 bins>;\nAction: " with
-# each bin written as up to three digits, which Gemma splits into one token each.
-LIBERO_PROMPT_TOKENS = {"pi0": 24, "pi05": 56}
-
-
-def third_camera_absent(inputs):
-    """openpi's π0 inputs for LIBERO: the third camera black and masked out in every row (pirl drops it
-    before SigLIP, `FlowPolicy._drop_masked_columns`)."""
-    absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
-    absent.image_masks[:, -1] = False
-    return absent
-
-
-def libero_layout(inputs, prompt_tokens: int):
-    """The third camera absent and a prompt of `prompt_tokens` tokens, the rest padding: pirl keeps the
-    prompt columns up to the next multiple of `PROMPT_BUCKET`."""
-    mask = (torch.arange(inputs.tokens.shape[1]) < prompt_tokens).expand_as(inputs.token_masks).clone()
-    return dataclasses.replace(third_camera_absent(inputs), tokens=inputs.tokens * mask, token_masks=mask)
 
 
 def part_latency(name: str, s: "Settings") -> dict:

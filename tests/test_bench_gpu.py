@@ -24,6 +24,8 @@ def test_gpu_benchmark_dry_run_covers_every_part(tmp_path):
     assert {r["batch"] for r in model["latency_pi0"]} == {1, 2}
     assert all(r["gflops_per_chunk"] > 0 for r in model["latency_pi0"])  # the FLOP counter saw the model
     assert model["latency_pi0"][-1]["prefix_cache_speedup"] > 0
+    for r in model["latency_pi0"] + model["latency_pi05"]:  # the LIBERO layout drops a camera and prompt columns
+        assert r["libero_prefix_tokens"] < r["prefix_tokens"] and r["libero_chunk_ms"] > 0
     # graphed chunks (CPU: EagerRecorder) give the eager chunk's actions exactly
     assert all(r["graphs_max_diff"] == 0 and r["graphs_chunk_ms"] > 0 for r in model["latency_pi0"] + model["latency_pi05"])
     assert model["transformers_pi0"][0]["pirl_graphs_ms"] > 0
@@ -34,7 +36,7 @@ def test_gpu_benchmark_dry_run_covers_every_part(tmp_path):
     assert all(r["finite"] for r in model["guidance"])
     assert {(r["trainable"], r["mask"]) for r in model["ppo"]} == {("expert", "hybrid"), ("all", "hybrid")}
     md = (tmp_path / "gpu.md").read_text()
-    assert "Chunk latency, π0" in md and "transformers' PI0" in md and "PPO optimizer step" in md
+    assert "Chunk latency, π0" in md and "The LIBERO layout, eager" in md and "transformers' PI0" in md and "PPO optimizer step" in md
     assert "replayed from CUDA graphs" in md
     for name in ("serve_gpu", "serve_gpu_eager"):  # the server part, CUDA graphs on and off
         served = json.loads((tmp_path / f"{name}.json").read_text())

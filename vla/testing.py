@@ -1,6 +1,9 @@
-"""Small builders for tests and benchmarks: a tiny random-init policy and matching random inputs."""
+"""Small builders for tests and benchmarks: a tiny random-init policy, matching random inputs, and the
+LIBERO input layout the benchmarks time."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -44,3 +47,25 @@ def random_inputs(policy: FlowPolicy, batch_size: int, seed: int = 0, pad_tokens
         token_masks=token_masks,
         state=torch.randn(batch_size, cfg.state_width, generator=g),
     )
+
+
+# Prompt tokens of a LIBERO observation, estimated for Gemma's tokenizer (no copy of it is stored here):
+# π0, BOS + a 10-15-word instruction + "\n"; π0.5, "Task: <instruction>, State: <8 bins>;\nAction: " with
+# each bin written as up to three digits, which Gemma splits into one token each.
+LIBERO_PROMPT_TOKENS = {"pi0": 24, "pi05": 56}
+
+
+def third_camera_absent(inputs: ModelInputs) -> ModelInputs:
+    """openpi's π0 inputs for LIBERO: the third camera black and masked out in every row (pirl drops it
+    before SigLIP, `FlowPolicy._drop_masked_columns`)."""
+    absent = dataclasses.replace(inputs, image_masks=inputs.image_masks.clone())
+    absent.image_masks[:, -1] = False
+    return absent
+
+
+def libero_layout(inputs: ModelInputs, prompt_tokens: int) -> ModelInputs:
+    """The third camera absent and a prompt of `prompt_tokens` tokens, the rest padding: pirl keeps the
+    prompt columns up to the next multiple of `PROMPT_BUCKET`."""
+    columns = torch.arange(inputs.tokens.shape[1], device=inputs.tokens.device)
+    mask = (columns < prompt_tokens).expand_as(inputs.token_masks).clone()
+    return dataclasses.replace(third_camera_absent(inputs), tokens=inputs.tokens * mask, token_masks=mask)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -58,8 +59,6 @@ class _Pending:
 def latency_summary(timings: list[dict]) -> dict:
     """/stats' `recent` section: p50 / p90 / p99 / max of each `server_timing` field (ms) over the given
     answers, and their mean batch size."""
-    import numpy as np
-
     if not timings:
         return {"answers": 0}
     out: dict[str, Any] = {"answers": len(timings)}

@@ -309,7 +309,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 # -- data parallel: two CPU processes over gloo ---------------------------------------------------------
 _DDP_SCRIPT = '''
-import hashlib, json, os, sys
+import hashlib, json, sys
 import accelerate
 from accelerate.utils import gather_object
 import pirl.critic.train as train
@@ -338,9 +338,9 @@ ranks = gather_object([{"features": digest([data.features, data.state]),
                         "weights": digest(critic.state_dict().values())}])
 if acc.is_main_process:
     print("RANKS", json.dumps({"wrapper": type(seen["loss_fn"]).__name__, "ranks": ranks}), flush=True)
-acc.end_training()  # leave the gloo group: a rank exiting inside it can abort at interpreter shutdown
-sys.stdout.flush()
-os._exit(0)  # gloo's threads can still abort in C++ destructors at exit (seen once after end_training)
+from pirl.cli import end_rank, leave_process_group  # as `pirl critic` ends: a rank can abort at exit
+leave_process_group()
+end_rank(0)
 '''
 
 

@@ -221,8 +221,9 @@ total = float(sum(p.double().sum() for p in acc.unwrap_model(captured["model"]).
 sums = gather_object([total])
 if acc.is_main_process:
     print("RANK_SUMS", json.dumps({"wrapper": type(captured["model"]).__name__, "sums": sums}))
-from pirl.cli import leave_process_group  # as `pirl sft` ends: without it a rank can abort at exit
+from pirl.cli import end_rank, leave_process_group  # as `pirl sft` ends: without them a rank can abort at exit
 leave_process_group()
+end_rank(0)
 '''
 
 

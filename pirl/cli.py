@@ -166,9 +166,10 @@ def cmd_sft(argv: list[str]) -> int:
     try:
         path = train_sft(cfg)
     finally:
-        ranked = leave_process_group()
-    print(path)
-    return end_rank(0) if ranked else 0
+        rank = leave_process_group()
+    if not rank:  # one process, or the main rank of several: the checkpoint once
+        print(path)
+    return 0 if rank is None else end_rank(0)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -376,21 +377,23 @@ def cmd_critic(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"pirl {err}" if str(err).startswith("critic:") else f"pirl critic: {err}") from None
     finally:
-        ranked = leave_process_group()
-    print(out)
-    return end_rank(0) if ranked else 0
+        rank = leave_process_group()
+    if not rank:  # one process, or the main rank of several: the checkpoint once
+        print(out)
+    return 0 if rank is None else end_rank(0)
 
 
-def leave_process_group() -> bool:
+def leave_process_group() -> int | None:
     """A torchrun / accelerate rank that exits with gloo's threads still alive can abort at interpreter
     shutdown ("terminate called without an active exception"): leave the group before exiting. Returns
-    whether this process was a rank of one."""
+    this process's rank in the group it left (None: it was in none)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
-        return True
-    return False
+        return rank
+    return None
 
 
 def end_rank(code: int) -> int:

@@ -250,6 +250,25 @@ def test_two_process_sft_keeps_the_ranks_identical(dataset, tmp_path):
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
 
 
+def test_two_rank_pirl_sft_command_prints_once_and_exits_zero(dataset, tmp_path):
+    """`torchrun -m pirl.cli sft` as a user runs it: both ranks finish and exit 0 (`pirl.cli.end_rank`: a
+    rank left to interpreter shutdown can abort in gloo's destructors); the main rank alone prints the
+    checkpoint (two ranks printing it interleaved their lines)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "sft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIRL_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pirl.cli",
+                           "sft", f"dataset={dataset}", "model=tiny", "model.state_dim=8", "+cameras.wrist_0_rgb=wrist",
+                           f"output_dir={out}", "steps=2", "batch_size=8", "warmup_steps=0", "save_every=1000"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out / "final") in proc.stdout.splitlines() and proc.stdout.count(str(out / "final")) == 1
+    assert (out / "final" / "model.safetensors").exists()
+
+
 def test_ema_update_matches_its_closed_form():
     from pirl.train.sft import ema_update
 

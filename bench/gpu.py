@@ -48,7 +48,7 @@ from pirl.train.common import set_trainable  # noqa: E402
 from pirl.train.rl_core import Agent, LocalLearner, OptimConfig, PPOMinibatch, SamplerConfig, mask_exec, ppo_loss  # noqa: E402
 from vla.config import get_config  # noqa: E402
 from vla.policy import FlowPolicy  # noqa: E402
-from vla.testing import LIBERO_PROMPT_TOKENS, libero_layout, random_inputs  # noqa: E402
+from vla.testing import LIBERO_PROMPT_TOKENS, libero_layout, random_inputs, third_camera_absent  # noqa: E402
 
 # Dense bf16 tensor-core peak from the vendors' datasheets (SXM parts), TFLOP/s.
 SPEC_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "B200": 2250.0}
@@ -225,7 +225,8 @@ def part_transformers(name: str, device: torch.device, dtype: str, batches: list
         inputs = random_inputs(policy, b, pad_tokens=False)
         inputs.tokens = inputs.tokens.clamp(max=cfg.vocab_size - 2)  # the last id is the image placeholder
         inputs.image_masks[:] = True
-        inputs.image_masks[:, -1] = cameras == "all"
+        if cameras != "all":
+            inputs = third_camera_absent(inputs)
         hf_kwargs = {k: v.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" and v.is_floating_point() else v.dtype)
                      for k, v in hf_inputs(cfg, inputs).items()}
         inputs = inputs.to(device)

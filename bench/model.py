@@ -321,7 +321,7 @@ def part_latency(name: str, s: "Settings") -> dict:
                                                          EXPERT_BLOCK)
             fns[f"joint_step_d{d}"] = functools.partial(p.forward_joint, inputs, noise, one)
             fns[f"vision_absent_d{d}"] = functools.partial(p.paligemma_with_expert.embed_images,
-                                                           inputs.images[:, :-1].flatten(0, 1))
+                                                           p._checked(layouts["absent"]).images.flatten(0, 1))
             for case, x in layouts.items():
                 fns[f"prefix_kv_{case}_d{d}"] = functools.partial(p.embed_prefix, x, hidden=False)
                 fns[f"expert_step_{case}_d{d}"] = functools.partial(
@@ -413,10 +413,9 @@ def part_transformers(s: "Settings") -> dict:
                                            num_steps=k, **hf_kwargs)
                 diffs[f"{case}{s.dtype}_d{d}"] = float((ours().float() - theirs().float()).abs().max())
                 fns[f"pirl_{case}d{d}"], fns[f"transformers_{case}d{d}"] = ours, theirs
-                # the SigLIP share of each: transformers embeds every camera; pirl only the present ones
-                present = case_inputs.images[:, case_inputs.image_masks.any(0)]
+                # the SigLIP share of each: transformers embeds every camera; pirl only those it keeps
                 fns[f"vision_{case}d{d}"] = functools.partial(policy.paligemma_with_expert.embed_images,
-                                                              present.flatten(0, 1))
+                                                              policy._checked(case_inputs).images.flatten(0, 1))
         models[d] = (policy, reference)
     with torch.no_grad():
         times = interleaved(fns, s.hf_repeats)  # a full-depth ratio rests on per-layer differences: more repeats

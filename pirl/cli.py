@@ -167,9 +167,7 @@ def cmd_sft(argv: list[str]) -> int:
         path = train_sft(cfg)
     finally:
         rank = leave_process_group()
-    if not rank:  # one process, or the main rank of several: the checkpoint once
-        print(path)
-    return 0 if rank is None else end_rank(0)
+    return report_and_end(path, rank)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -378,9 +376,7 @@ def cmd_critic(argv: list[str]) -> int:
         raise SystemExit(f"pirl {err}" if str(err).startswith("critic:") else f"pirl critic: {err}") from None
     finally:
         rank = leave_process_group()
-    if not rank:  # one process, or the main rank of several: the checkpoint once
-        print(out)
-    return 0 if rank is None else end_rank(0)
+    return report_and_end(out, rank)
 
 
 def leave_process_group() -> int | None:
@@ -394,6 +390,15 @@ def leave_process_group() -> int | None:
         dist.destroy_process_group()
         return rank
     return None
+
+
+def report_and_end(output, rank: int | None) -> int:
+    """The last step of a command that may run as one rank of several (`pirl sft`, `pirl critic`): the
+    output path printed once (one process, or the main rank: ranks printing together interleave their
+    lines), then exit status 0, through `end_rank` for a rank."""
+    if not rank:
+        print(output)
+    return 0 if rank is None else end_rank(0)
 
 
 def end_rank(code: int) -> int:

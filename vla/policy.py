@@ -229,14 +229,13 @@ class FlowPolicy(nn.Module):
         cameras, columns = present[:n_cams], present[n_cams:]
         used = int(columns.nonzero().max()) + 1 if bool(columns.any()) else 0
         keep_len = min(max_len, max(1, -(-used // PROMPT_BUCKET)) * PROMPT_BUCKET) if trim_prompt else max_len
-        if bool(cameras.all()) and keep_len == max_len:
-            return inputs
-        trimmed = dataclasses.replace(inputs, tokens=inputs.tokens[:, :keep_len],
-                                      token_masks=inputs.token_masks[:, :keep_len])
-        if bool(cameras.all()):
-            return trimmed
-        keep = cameras.nonzero().flatten().to(inputs.images.device)
-        return dataclasses.replace(trimmed, images=inputs.images[:, keep], image_masks=inputs.image_masks[:, keep])
+        dropped = {}
+        if keep_len < max_len:
+            dropped.update(tokens=inputs.tokens[:, :keep_len], token_masks=inputs.token_masks[:, :keep_len])
+        if not bool(cameras.all()):
+            keep = cameras.nonzero().flatten().to(inputs.images.device)
+            dropped.update(images=inputs.images[:, keep], image_masks=inputs.image_masks[:, keep])
+        return dataclasses.replace(inputs, **dropped) if dropped else inputs
 
     def embed_prefix(self, inputs: ModelInputs, hidden: bool = True) -> Prefix:
         """Runs SigLIP and the VLM decoder once; the keys/values serve every later velocity call.

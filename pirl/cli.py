@@ -279,11 +279,16 @@ def cmd_eval(argv: list[str]) -> int:
         guided = guided_sampler(data, policy, processor, checkpoint, num_steps)
         if guided is not None:
             actor = PolicyActor(policy, processor, num_steps, sample=guided)
+    horizon = actor.metadata["action_horizon"] if remote else policy.config.action_horizon
+    prefetch = data["prefetch_steps"]
+    if not 0 <= prefetch <= data["n_exec"] or data["n_exec"] + prefetch > horizon:
+        raise SystemExit(f"pirl eval: prefetch_steps={prefetch} must be in [0, n_exec={data['n_exec']}] with "
+                         f"n_exec + prefetch_steps <= the chunk's {horizon} actions")
     env = make_env(env_section, data["num_envs"], data["seed"])
     try:
         with torch.no_grad():
             result = evaluate(agent, processor, env, data["episodes"], data["n_exec"], num_steps, data["seed"],
-                              actor=actor)
+                              actor=actor, prefetch_steps=prefetch)
     finally:
         env.close()
         if remote:
@@ -296,7 +301,8 @@ def cmd_eval(argv: list[str]) -> int:
                "successes": result["successes"], "success_rate": result["success_rate"],
                "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
                "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps,
-               "n_exec": data["n_exec"], "max_episode_steps": env_section.get("max_episode_steps"),
+               "n_exec": data["n_exec"], "prefetch_steps": prefetch,
+               "max_episode_steps": env_section.get("max_episode_steps"),
                "defaults_from_checkpoint": from_checkpoint,
                "guidance": data["guidance"], "critic": data.get("critic"),
                "guidance_cost": guided.totals.per_chunk() if guided is not None else None,
@@ -311,6 +317,9 @@ def cmd_eval(argv: list[str]) -> int:
              f"| {task} | {data['seed']}..{data['seed'] + result['episodes'] - 1} | {num_steps} | {method} | {cost} | "
              f"{result['successes']}/{result['episodes']} = {result['success_rate']:.3f} | [{low:.2f}, {high:.2f}] | "
              f"{result['mean_return']:.3f} | {result['mean_length']:.1f} |\n")
+    if prefetch:
+        table += (f"\nprefetch_steps={prefetch}: every chunk after an episode's first was computed from the observation "
+                  f"{prefetch} step{'s' if prefetch > 1 else ''} before the previous one ended (`pirl.serve.broker.ActionChunkBroker`).\n")
     (out_dir / "results.md").write_text(table)
     print(table)
     print(f"pirl eval: wrote {out_dir / 'results.json'}")

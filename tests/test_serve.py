@@ -474,3 +474,156 @@ def test_warm_up_captures_every_batch_size_before_serving():
     want, _ = eager.infer([eager.prepare(r) for r in reqs])
     np.testing.assert_array_equal(got, want)
     assert graphs.captures == captured  # served from the warm-up's graphs
+
+
+# -- the action-chunk broker (pirl.serve.broker) ------------------------------------------------------
+class GatedClient:
+    """The real client, except that the requests for the chosen chunk indices wait for `gate` first: a
+    prefetch held in flight, so a test can see the control loop go on without it."""
+
+    def __init__(self, url, hold=()):
+        self.client, self.hold, self.gate, self.sent = WebsocketClientPolicy(url), set(hold), threading.Event(), []
+
+    def get_server_metadata(self):
+        return self.client.get_server_metadata()
+
+    def infer(self, obs):
+        self.sent.append(dict(obs))
+        if obs.get("noise_index") in self.hold:
+            assert self.gate.wait(10), "the test never released the held request"
+        return self.client.infer(obs)
+
+
+def brokered_expectation(url, s, seed, n, d, steps):
+    """Step t's action under `ActionChunkBroker(n, prefetch_steps=d)`: chunk k = t // n was requested at
+    step r_k (0 for the first chunk, k n - d after) with that step's observation and noise index k, and
+    step t executes its action t - r_k."""
+    with WebsocketClientPolicy(url) as client:
+        chunks = {}
+        out = []
+        for t in range(steps):
+            k = t // n
+            r = 0 if k == 0 else k * n - d
+            if k not in chunks:
+                chunks[k] = client.infer(request(s[r], seed, k))["actions"]
+            out.append(chunks[k][t - r])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("n,d", [(3, 0), (3, 2), (4, 4)])
+def test_chunk_broker_executes_each_chunk_from_the_step_it_was_meant_for(server, n, d):
+    from pirl.serve.broker import ActionChunkBroker
+
+    steps, seed = 11, 77
+    s = states(steps, seed=12)
+    expected = brokered_expectation(server.url, s, seed, n, d, steps)
+    client = GatedClient(server.url)
+    with ActionChunkBroker(client, n, prefetch_steps=d, seed=seed) as broker:
+        got = np.stack([broker.infer({"state": s[t], "prompt": PROMPT})["actions"] for t in range(steps)])
+    np.testing.assert_array_equal(got, expected)
+    assert [o["noise_index"] for o in client.sent] == list(range(len(client.sent)))
+    assert broker.stats["chunks"] == -(-steps // n) and broker.stats["prefetched"] == (broker.stats["chunks"] - 1 if d else 0)
+    if d == 0:  # openpi's synchronous chunking: replan every n steps from that step's observation
+        with WebsocketClientPolicy(server.url) as plain:
+            first = [plain.infer(request(s[t], seed, t // n))["actions"][0] for t in range(0, steps, n)]
+        np.testing.assert_array_equal(got[::n], np.stack(first))
+    else:  # negative control: the prefetched chunks are not the synchronous ones
+        assert np.abs(got - brokered_expectation(server.url, s, seed, n, 0, steps)).max() > 1e-3
+
+
+def test_chunk_broker_keeps_acting_while_the_next_chunk_is_in_flight(server):
+    from pirl.serve.broker import ActionChunkBroker
+
+    s = states(6, seed=13)
+    client = GatedClient(server.url, hold={1})
+    broker = ActionChunkBroker(client, 3, prefetch_steps=2, seed=5)
+    first = [broker.infer({"state": s[t], "prompt": PROMPT}) for t in range(3)]  # prefetch sent at step 1
+    assert [o["chunk_step"] for o in first] == [0, 1, 2] and {o["chunk_index"] for o in first} == {0}
+    assert broker._pending is not None and not broker._pending.done()  # steps 1, 2 ran while it was held
+    client.gate.set()
+    switched = broker.infer({"state": s[3], "prompt": PROMPT})
+    assert (switched["chunk_index"], switched["chunk_step"]) == (1, 2)
+    assert client.sent[1]["state"] is s[1] or np.array_equal(client.sent[1]["state"], s[1])
+    broker.close()
+    client.client.close()
+
+
+def test_chunk_broker_rejects_chunks_it_cannot_align_and_surfaces_a_failed_prefetch(server):
+    from pirl.serve.broker import ActionChunkBroker
+
+    with WebsocketClientPolicy(server.url) as client:
+        with pytest.raises(ValueError, match="action_horizon 9 \\+ prefetch_steps 2 > the policy's chunk of 10"):
+            ActionChunkBroker(client, 9, prefetch_steps=2)
+        with pytest.raises(ValueError, match="prefetch_steps must be in"):
+            ActionChunkBroker(client, 2, prefetch_steps=3)
+        s = states(4, seed=14)
+        bad = s[1].copy()
+        bad[0] = np.nan
+        broker = ActionChunkBroker(client, 2, prefetch_steps=1, seed=3)
+        broker.infer({"state": s[0], "prompt": PROMPT})
+        broker.infer({"state": bad, "prompt": PROMPT})  # the prefetch carries the NaN; this step still acts
+        with pytest.raises(ServerError, match="NaN"):
+            broker.infer({"state": s[2], "prompt": PROMPT})  # the switch step needed that chunk
+        again = broker.infer({"state": s[3], "prompt": PROMPT})  # a fresh request, and serving goes on
+        assert again["chunk_step"] == 0 and np.isfinite(again["actions"]).all()
+        broker.reset(seed=9)  # a new episode: the next chunk is index 0 of the new seed, from this step
+        fresh = broker.infer({"state": s[0], "prompt": PROMPT})["actions"]
+        np.testing.assert_array_equal(fresh, client.infer(request(s[0], 9, 0))["actions"][0])
+        broker.close()
+
+
+class LocalChunkPolicy:
+    """openpi's `infer(obs) -> {"actions": [H, d]}` on the local policy, drawing the noise a served request
+    with that seed and noise index gets: a robot-side broker's policy without a server in between."""
+
+    def __init__(self, actor: PolicyActor):
+        self.actor = actor
+
+    def infer(self, request):
+        obs = {k: v for k, v in request.items() if k not in ("seed", "noise_index")}
+        cfg = self.actor.policy.config
+        noise = seeded_noise(request["seed"], request["noise_index"], cfg.action_horizon, cfg.action_dim)
+        return {"actions": self.actor.actions(obs, noise[None])[0]}
+
+
+@pytest.mark.sim
+def test_prefetched_eval_acts_as_the_chunk_broker_does_on_a_robot(local):
+    """`evaluate(prefetch_steps=d)` plays each episode exactly as a control loop stepping the simulator one
+    action at a time through `ActionChunkBroker(n_exec, prefetch_steps=d)` (seeded with the episode's seed)."""
+    import yaml
+
+    from pirl.serve.broker import ActionChunkBroker
+    from pirl.train.rl import make_env
+    from pirl.train.rl_core import evaluate
+
+    section = {**yaml.safe_load((REPO / "configs" / "env" / "maniskill_pickcube_state.yaml").read_text()),
+               **read_rollout(CKPT)["env"], "envs_per_process": 1}
+    seeds, n_exec, d = [EVAL_SEED, EVAL_SEED + 1, EVAL_SEED + 2], 5, 2
+    reference = []
+    with make_env(section, 1, EVAL_SEED) as env:
+        for seed in seeds:
+            obs = env.reset(seed)
+            with ActionChunkBroker(LocalChunkPolicy(local), n_exec, prefetch_steps=d, seed=seed) as broker:
+                while True:
+                    action = broker.infer(obs)["actions"]
+                    obs, _, terminated, truncated, info = env.step_chunk(action[None, None], 1)
+                    if terminated[0] or truncated[0]:
+                        reference.append({"seed": seed, "success": bool(info["success_once"][0]),
+                                          "return": float(info["episode_return"][0]),
+                                          "length": int(info["episode_length"][0])})
+                        break
+        got = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local, prefetch_steps=d)
+        synchronous = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local)
+    assert got["per_episode"] == reference
+    # negative control: acting on 2-step-old observations is a different run
+    assert [r["return"] for r in synchronous["per_episode"]] != [r["return"] for r in reference]
+
+
+def test_eval_refuses_a_prefetch_its_chunks_cannot_hold():
+    """Both checks stop `pirl eval` with one line before any simulator starts."""
+    from pirl.cli import main
+
+    with pytest.raises(SystemExit, match=r"prefetch_steps=6 must be in \[0, n_exec=5\]"):
+        main(["eval", f"checkpoint={CKPT}", "prefetch_steps=6"])
+    with pytest.raises(SystemExit, match=r"n_exec \+ prefetch_steps <= the chunk's 10 actions"):
+        main(["eval", f"checkpoint={CKPT}", "n_exec=8", "prefetch_steps=3"])

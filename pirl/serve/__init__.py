@@ -5,5 +5,6 @@
 
 Modules: protocol (msgpack + numpy, openpi's encoding), inputs (request layouts and validation), policy
 (checkpoint -> one batched action function; the guidance hook), server (websocket server, batching,
-shutdown), client (openpi-compatible client; `RemoteActor` for `pirl eval`). See docs/serve.md.
+shutdown), client (openpi-compatible client; `RemoteActor` for `pirl eval`), broker (one action per
+control step from the chunks, the next chunk optionally prefetched). See docs/serve.md.
 """

@@ -679,7 +679,8 @@ class PolicyActor:
 
 @torch.no_grad()
 def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, episodes: int, n_exec: int,
-             num_steps: int, seed: int, max_chunks: int = 10_000, actor=None) -> dict[str, Any]:
+             num_steps: int, seed: int, max_chunks: int = 10_000, actor=None, prefetch_steps: int = 0
+             ) -> dict[str, Any]:
     """Deterministic (ODE) evaluation of exactly the first episode of each seed in
     [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
     s + i once. Counting whichever episodes finish first instead would favour quick successes. Each
@@ -690,7 +691,15 @@ def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, ep
     `actor` (default: `PolicyActor(agent.policy, processor, num_steps)`) turns observations into raw env
     actions [B, H, d]: `actor.reset(seeds)` at each round, then one call per chunk. A served policy plugs
     in as `pirl.serve.client.RemoteActor`; `agent` and `processor` are then unused.
+
+    `prefetch_steps` (d): act as a robot does behind `pirl.serve.broker.ActionChunkBroker(n_exec,
+    prefetch_steps=d)`, which hides the inference latency: every chunk after an episode's first is computed
+    from the observation d steps before the current chunk ends and executed from its index d, as if its answer
+    took exactly d control steps. What acting on a d-step-old observation costs, measured before a robot pays
+    it. d = 0: each chunk from the observation where the last one ended. Needs 0 <= d <= n_exec, n_exec + d <= H.
     """
+    if not 0 <= prefetch_steps <= n_exec:
+        raise ValueError(f"prefetch_steps must be in [0, n_exec={n_exec}], got {prefetch_steps}")
     if actor is None:
         agent.eval()
         actor = PolicyActor(agent.policy, processor, num_steps)
@@ -700,17 +709,32 @@ def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, ep
         obs = env.reset(start)
         actor.reset([start + i for i in range(env.num_envs)])
         pending = set(range(min(env.num_envs, seed + episodes - start)))
-        for _ in range(max_chunks):
-            if not pending:
-                break
-            actions = actor(obs)
-            obs, _, terminated, truncated, info = env.step_chunk(actions[:, :n_exec], n_exec)
+
+        def play(actions: np.ndarray):  # executes these steps; records the episodes that end in them
+            obs, _, terminated, truncated, info = env.step_chunk(actions, actions.shape[1])
             for i in sorted(pending & set(np.flatnonzero(np.asarray(terminated) | np.asarray(truncated)).tolist())):
                 per_episode[start + i] = {"seed": start + i, "success": bool(info["success_once"][i]),
                                           "return": float(info["episode_return"][i]),
                                           "length": int(info["episode_length"][i])}
                 pending.discard(i)
                 bar.update(1)
+            return obs
+
+        chunk, first = actor(obs), 0  # first: the chunk's index that acts now
+        if n_exec + prefetch_steps > chunk.shape[1]:
+            raise ValueError(f"n_exec {n_exec} + prefetch_steps {prefetch_steps} > the chunk of {chunk.shape[1]} actions")
+        ahead = n_exec - prefetch_steps  # steps executed before the next chunk is asked for
+        for _ in range(max_chunks):
+            if ahead:
+                obs = play(chunk[:, first:first + ahead])
+            if not pending:
+                break
+            upcoming = actor(obs)
+            if prefetch_steps:  # the current chunk's last d steps run while the next one is being computed
+                obs = play(chunk[:, first + ahead:first + n_exec])
+                if not pending:
+                    break
+            chunk, first = upcoming, prefetch_steps
     bar.close()
     rows = [per_episode[s] for s in sorted(per_episode)]
     wins = sum(r["success"] for r in rows)

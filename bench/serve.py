@@ -3,11 +3,16 @@
     python bench/serve.py [--duration 8] [--clients 1 4 16 64] [--checkpoint assets/pickcube_tiny_sft_v3]
     python bench/serve.py --device cuda --out bench/results/serve_gpu     # on a GPU (bf16, CUDA graphs)
     python bench/serve.py --device cuda --server-args cuda_graphs=false    # ... without CUDA graphs
+    python bench/serve.py --robot-loop [--period-ms 5]    # a fixed-rate control loop through ActionChunkBroker
 
 The server runs as `pirl serve` in its own process (as in deployment); clients are asyncio websocket
 connections in this process, each in a closed loop (send an observation, wait for the actions, repeat)
 with its own seed per request. "one-at-a-time" is the same server with max_batch=1. Writes
 bench/results/serve.json and bench/results/serve.md.
+
+`--robot-loop` instead runs one client as a robot would: a control loop at a fixed period that takes one
+action per tick from `pirl.serve.broker.ActionChunkBroker`, synchronously and with the next chunk prefetched d
+steps ahead, and reports how late after its tick each action was ready (bench/results/serve_robot_loop.*).
 
 Target (issue 17): at 16 clients, batching gives >= 4x the throughput of one-at-a-time serving at a p99
 latency <= 2x the single-client latency (single client = batching server, 1 client).
@@ -99,6 +104,79 @@ def server_stats(url: str) -> dict:
     return json.loads(conn.getresponse().read())
 
 
+def write_results(out: str, data: dict, lines: list[str]) -> int:
+    """<out>.json (all numbers) and <out>.md (the table), which is also printed."""
+    Path(out + ".json").write_text(json.dumps(data, indent=2))
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def robot_loop(url: str, state_dim: int, period: float, steps: int, execute: int, prefetch: int) -> dict:
+    """A control loop ticking every `period` s: at each tick one `broker.infer(obs)`; an action is late when it
+    is ready a whole period or more after its tick (a real-time controller would have missed that tick)."""
+    from pirl.serve.broker import ActionChunkBroker
+    from pirl.serve.client import WebsocketClientPolicy
+
+    rng = np.random.default_rng(prefetch)
+    with WebsocketClientPolicy(url) as client, ActionChunkBroker(client, execute, prefetch_steps=prefetch,
+                                                                seed=0) as broker:
+        broker.infer({"state": np.zeros(state_dim, np.float32), "prompt": PROMPT})  # connection warm
+        broker.reset()
+        delays = []
+        tick = time.perf_counter()
+        for _ in range(steps):
+            while (wait := tick - time.perf_counter()) > 0:
+                time.sleep(wait)
+            broker.infer({"state": rng.normal(size=state_dim).astype(np.float32), "prompt": PROMPT})
+            delays.append(time.perf_counter() - tick)
+            tick = max(tick + period, time.perf_counter())  # a missed tick is not made up by rushing
+        stats = dict(broker.stats)
+    ms = np.asarray(delays) * 1000
+    return {"execute": execute, "prefetch": prefetch, "steps": steps, "period_ms": period * 1000,
+            "late_steps": int((ms >= period * 1000).sum()), "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), **stats}
+
+
+def robot_loop_bench(args) -> int:
+    proc, url = start_server(args.checkpoint, args.max_batch,
+                             [f"max_wait_ms={args.max_wait_ms}", f"num_steps={args.num_steps}",
+                              f"torch_threads={args.torch_threads}", f"device={args.device}", *args.server_args])
+    try:
+        rows = []
+        for d in args.prefetch:
+            row = robot_loop(url, args.state_dim, args.period_ms / 1000, args.steps, args.execute, d)
+            rows.append(row)
+            print(f"prefetch {d}: late {row['late_steps']}/{row['steps']}  p50 {row['p50_ms']:.2f} ms  "
+                  f"p99 {row['p99_ms']:.2f} ms  max {row['max_ms']:.2f} ms  stalls {row['stalls']}", flush=True)
+        latency = server_stats(url)["recent"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    meta = {"checkpoint": args.checkpoint, "num_steps": args.num_steps, "period_ms": args.period_ms,
+            "execute": args.execute, "steps": args.steps, "cpus": os.cpu_count(), "device": args.device,
+            "torch_threads": args.torch_threads, "server_recent": latency}
+    total = latency["total_ms"]
+    lines = ["# A robot's control loop against the policy server: synchronous vs prefetched chunks\n",
+             f"`python bench/serve.py --robot-loop` on {args.checkpoint} (K={args.num_steps}), server in its own "
+             f"process on {meta['cpus']} shared CPU cores ({args.device}, torch threads {args.torch_threads}); one "
+             f"client ticking every {args.period_ms:g} ms for {args.steps} steps, executing {args.execute} actions "
+             f"of each chunk through `pirl.serve.broker.ActionChunkBroker`. The server's request latency meanwhile: "
+             f"p50 {total['p50']:.1f} ms, p99 {total['p99']:.1f} ms ({total['p99'] / args.period_ms:.1f} periods).\n",
+             "`ready after tick`: from the tick to the action in hand; `late`: ready a whole period or more after "
+             "its tick (a real-time controller misses that tick). `stalls`: switch steps that waited for a "
+             "prefetched chunk, and how long in all. A prefetched chunk acts on an observation `prefetch` periods "
+             "old. An episode's first step always waits for a whole request: there is no earlier observation to "
+             "prefetch from.\n",
+             "| prefetch steps | late steps | ready after tick p50 ms | p99 ms | max ms | chunks | stalls (ms in all) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prefetch']}{' (openpi: synchronous)' if r['prefetch'] == 0 else ''} | "
+                     f"{r['late_steps']} / {r['steps']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | "
+                     f"{r['chunks']} | {r['stalls']} ({r['stall_s'] * 1000:.0f}) |")
+    return write_results(args.out, {"meta": meta, "rows": rows}, lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="assets/pickcube_tiny_sft_v3")
@@ -115,8 +193,17 @@ def main() -> int:
     p.add_argument("--server-args", nargs="*", default=[], help="more `pirl serve` overrides, e.g. cuda_graphs=false")
     p.add_argument("--critic", default=None, help="also serve QGF-guided (guidance=qgf critic=DIR)")
     p.add_argument("--qgf-weight", type=float, default=10.0, help="the guidance weight chosen by bench/guidance.py")
-    p.add_argument("--out", default=str(RESULTS / "serve"))
+    p.add_argument("--out", default=None, help="output stem (default bench/results/serve or serve_robot_loop)")
+    p.add_argument("--robot-loop", action="store_true", help="the control-loop measurement instead (one client)")
+    p.add_argument("--period-ms", type=float, default=5.0, help="--robot-loop: the control period")
+    p.add_argument("--steps", type=int, default=400, help="--robot-loop: control steps per setting")
+    p.add_argument("--execute", type=int, default=5, help="--robot-loop: actions executed per chunk")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[0, 2, 4], help="--robot-loop: prefetch steps")
     args = p.parse_args()
+    if args.robot_loop:
+        args.out = args.out or str(RESULTS / "serve_robot_loop")
+        return robot_loop_bench(args)
+    args.out = args.out or str(RESULTS / "serve")
 
     rows = []
     plain, guided = ("ode (plain)", []), (f"qgf w={args.qgf_weight:g}",
@@ -168,7 +255,6 @@ def main() -> int:
         import torch
 
         meta["device_name"] = torch.cuda.get_device_name(0)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "target": target, "rows": rows}, indent=2))
     where = (f"on {meta['device_name']} ({' '.join(args.server_args) or 'CUDA graphs on'}), {meta['cpus']} CPU cores"
              if "device_name" in meta else f"{meta['cpus']} shared CPU cores")
     lines = [f"# Policy server: throughput and latency vs concurrent clients\n",
@@ -198,9 +284,7 @@ def main() -> int:
             lines.append(f"\nQGF-guided ({guided[0]}, critic {args.critic}): batching gives "
                          f"{g16['requests_per_s'] / go16['requests_per_s']:.2f}x one-at-a-time at 16 clients; "
                          f"single-client latency {g1['p50_ms']:.1f} ms ({g1['p50_ms'] / single['p50_ms']:.2f}x plain).")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_results(args.out, {"meta": meta, "target": target, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

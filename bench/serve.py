@@ -112,7 +112,8 @@ def write_results(out: str, data: dict, lines: list[str]) -> int:
     return 0
 
 
-def robot_loop(url: str, state_dim: int, period: float, steps: int, execute: int, prefetch: int) -> dict:
+def robot_loop(url: str, state_dim: int, period: float, steps: int, execute: int, prefetch: int,
+               inpaint: bool = False) -> dict:
     """A control loop ticking every `period` s: at each tick one `broker.infer(obs)`; an action is late when it
     is ready a whole period or more after its tick (a real-time controller would have missed that tick)."""
     from pirl.serve.broker import ActionChunkBroker
@@ -120,20 +121,22 @@ def robot_loop(url: str, state_dim: int, period: float, steps: int, execute: int
 
     rng = np.random.default_rng(prefetch)
     with WebsocketClientPolicy(url) as client, ActionChunkBroker(client, execute, prefetch_steps=prefetch,
-                                                                seed=0) as broker:
+                                                                seed=0, inpaint=inpaint) as broker:
         broker.infer({"state": np.zeros(state_dim, np.float32), "prompt": PROMPT})  # connection warm
         broker.reset()
-        delays = []
+        delays, request_ms = [], {}
         tick = time.perf_counter()
         for _ in range(steps):
             while (wait := tick - time.perf_counter()) > 0:
                 time.sleep(wait)
-            broker.infer({"state": rng.normal(size=state_dim).astype(np.float32), "prompt": PROMPT})
+            out = broker.infer({"state": rng.normal(size=state_dim).astype(np.float32), "prompt": PROMPT})
             delays.append(time.perf_counter() - tick)
+            request_ms[out["chunk_index"]] = out["server_timing"]["total_ms"]
             tick = max(tick + period, time.perf_counter())  # a missed tick is not made up by rushing
         stats = dict(broker.stats)
     ms = np.asarray(delays) * 1000
-    return {"execute": execute, "prefetch": prefetch, "steps": steps, "period_ms": period * 1000,
+    return {"execute": execute, "prefetch": prefetch, "inpaint": inpaint, "steps": steps, "period_ms": period * 1000,
+            "server_ms_p50": float(np.median(list(request_ms.values()))),
             "late_steps": int((ms >= period * 1000).sum()), "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), **stats}
 
@@ -144,10 +147,10 @@ def robot_loop_bench(args) -> int:
                               f"torch_threads={args.torch_threads}", f"device={args.device}", *args.server_args])
     try:
         rows = []
-        for d in args.prefetch:
-            row = robot_loop(url, args.state_dim, args.period_ms / 1000, args.steps, args.execute, d)
+        for d, inpaint in [(d, False) for d in args.prefetch] + [(d, True) for d in args.prefetch if args.inpaint]:
+            row = robot_loop(url, args.state_dim, args.period_ms / 1000, args.steps, args.execute, d, inpaint)
             rows.append(row)
-            print(f"prefetch {d}: late {row['late_steps']}/{row['steps']}  p50 {row['p50_ms']:.2f} ms  "
+            print(f"prefetch {d} inpaint {inpaint}: late {row['late_steps']}/{row['steps']}  p50 {row['p50_ms']:.2f} ms  "
                   f"p99 {row['p99_ms']:.2f} ms  max {row['max_ms']:.2f} ms  stalls {row['stalls']}", flush=True)
         latency = server_stats(url)["recent"]
     finally:
@@ -167,11 +170,15 @@ def robot_loop_bench(args) -> int:
              "its tick (a real-time controller misses that tick). `stalls`: switch steps that waited for a "
              "prefetched chunk, and how long in all. A prefetched chunk acts on an observation `prefetch` periods "
              "old. An episode's first step always waits for a whole request: there is no earlier observation to "
-             "prefetch from.\n",
-             "| prefetch steps | late steps | ready after tick p50 ms | p99 ms | max ms | chunks | stalls (ms in all) |",
-             "|---|---|---|---|---|---|---|"]
+             "prefetch from. `inpaint`: requests carry the current chunk's remaining actions and the server "
+             "steers the new chunk onto them (real-time chunking: one backward through the expert per denoising "
+             "step); `server ms`: the median request as the server timed it.\n",
+             "| prefetch steps | inpaint | server ms | late steps | ready after tick p50 ms | p99 ms | max ms | chunks | "
+             "stalls (ms in all) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prefetch']}{' (openpi: synchronous)' if r['prefetch'] == 0 else ''} | "
+                     f"{'yes' if r['inpaint'] else 'no'} | {r['server_ms_p50']:.1f} | "
                      f"{r['late_steps']} / {r['steps']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | "
                      f"{r['chunks']} | {r['stalls']} ({r['stall_s'] * 1000:.0f}) |")
     return write_results(args.out, {"meta": meta, "rows": rows}, lines)
@@ -199,6 +206,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=400, help="--robot-loop: control steps per setting")
     p.add_argument("--execute", type=int, default=5, help="--robot-loop: actions executed per chunk")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0, 2, 4], help="--robot-loop: prefetch steps")
+    p.add_argument("--inpaint", action="store_true", help="--robot-loop: each prefetch also with real-time chunking")
     args = p.parse_args()
     if args.robot_loop:
         args.out = args.out or str(RESULTS / "serve_robot_loop")

@@ -284,11 +284,17 @@ def cmd_eval(argv: list[str]) -> int:
     if not 0 <= prefetch <= data["n_exec"] or data["n_exec"] + prefetch > horizon:
         raise SystemExit(f"pirl eval: prefetch_steps={prefetch} must be in [0, n_exec={data['n_exec']}] with "
                          f"n_exec + prefetch_steps <= the chunk's {horizon} actions")
+    beta = data["inpaint_beta"]
+    if beta is not None and not (isinstance(beta, int | float) and 0 < beta < float("inf")):
+        raise SystemExit(f"pirl eval: inpaint_beta must be a number > 0 or null (the default 5), got {beta!r}")
+    if data["inpaint"] and (guided is not None or remote and actor.metadata.get("sampler") == "guided"):
+        raise SystemExit("pirl eval: inpaint=true (real-time chunking) runs with the plain sampler, not with guidance")
     env = make_env(env_section, data["num_envs"], data["seed"])
     try:
         with torch.no_grad():
             result = evaluate(agent, processor, env, data["episodes"], data["n_exec"], num_steps, data["seed"],
-                              actor=actor, prefetch_steps=prefetch)
+                              actor=actor, prefetch_steps=prefetch, inpaint=data["inpaint"],
+                              inpaint_beta=data["inpaint_beta"])
     finally:
         env.close()
         if remote:
@@ -301,7 +307,8 @@ def cmd_eval(argv: list[str]) -> int:
                "successes": result["successes"], "success_rate": result["success_rate"],
                "success_ci95": result["success_ci95"], "mean_return": result["mean_return"],
                "mean_length": result["mean_length"], "seed": data["seed"], "num_steps": num_steps,
-               "n_exec": data["n_exec"], "prefetch_steps": prefetch,
+               "n_exec": data["n_exec"], "prefetch_steps": prefetch, "inpaint": data["inpaint"],
+               "inpaint_beta": data["inpaint_beta"],
                "max_episode_steps": env_section.get("max_episode_steps"),
                "defaults_from_checkpoint": from_checkpoint,
                "guidance": data["guidance"], "critic": data.get("critic"),
@@ -320,6 +327,9 @@ def cmd_eval(argv: list[str]) -> int:
     if prefetch:
         table += (f"\nprefetch_steps={prefetch}: every chunk after an episode's first was computed from the observation "
                   f"{prefetch} step{'s' if prefetch > 1 else ''} before the previous one ended (`pirl.serve.broker.ActionChunkBroker`).\n")
+    if data["inpaint"]:
+        table += (f"\ninpaint: each new chunk steered onto the previous chunk's remaining actions (real-time chunking, "
+                  f"beta {data['inpaint_beta'] if data['inpaint_beta'] is not None else 'the default'}).\n")
     (out_dir / "results.md").write_text(table)
     print(table)
     print(f"pirl eval: wrote {out_dir / 'results.json'}")

@@ -241,6 +241,18 @@ def ask(ws, frame):
     (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": "cube " * 200}), "max_token_len"),
     (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": PROMPT, "seed": "x"}), "'seed' must be an int"),
     (packb({"state": np.zeros(STATE_DIM, np.float32), "prompt": PROMPT, "seed": -1}), "'seed' = -1 is outside"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 6), np.float32), "prev_delay": 1}),
+     "'prev_actions' has shape (3, 6); expected [L, 7] with 1 <= L <= 10"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((11, 7), np.float32), "prev_delay": 1}),
+     "1 <= L <= 10"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.full((3, 7), np.nan, np.float32), "prev_delay": 1}),
+     "'prev_actions' has non-finite values"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 7), np.float32), "prev_delay": 4}),
+     "'prev_delay' (int in [0, L = 3]"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 7), np.float32)}), "is missing"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_delay": 2}), "'prev_delay' and 'prev_beta' need 'prev_actions'"),
+    (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 7), np.float32), "prev_delay": 1,
+            "prev_beta": -1.0}), "'prev_beta' must be a finite number > 0"),
 ])
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, local, frame, needle):
     ws = raw_connection(server.url)
@@ -580,16 +592,26 @@ class LocalChunkPolicy:
         self.actor = actor
 
     def infer(self, request):
-        obs = {k: v for k, v in request.items() if k not in ("seed", "noise_index")}
+        from pirl.guidance.sampler import Inpainting
+
+        obs = {k: v for k, v in request.items() if k not in ("seed", "noise_index", "prev_actions", "prev_delay")}
         cfg = self.actor.policy.config
         noise = seeded_noise(request["seed"], request["noise_index"], cfg.action_horizon, cfg.action_dim)
-        return {"actions": self.actor.actions(obs, noise[None])[0]}
+        inpainting = None
+        self.requests = getattr(self, "requests", 0) + 1
+        if "prev_actions" in request:
+            self.inpainted = getattr(self, "inpainted", 0) + 1
+            inpainting = Inpainting.from_raw(self.actor.processor, [request["prev_actions"]],
+                                             [request["prev_delay"]], [request.get("prev_beta", 5.0)])
+        return {"actions": self.actor.actions(obs, noise[None], inpainting=inpainting)[0]}
 
 
 @pytest.mark.sim
-def test_prefetched_eval_acts_as_the_chunk_broker_does_on_a_robot(local):
-    """`evaluate(prefetch_steps=d)` plays each episode exactly as a control loop stepping the simulator one
-    action at a time through `ActionChunkBroker(n_exec, prefetch_steps=d)` (seeded with the episode's seed)."""
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_prefetched_eval_acts_as_the_chunk_broker_does_on_a_robot(local, inpaint):
+    """`evaluate(prefetch_steps=d, inpaint=...)` plays each episode exactly as a control loop stepping the
+    simulator one action at a time through `ActionChunkBroker(n_exec, prefetch_steps=d, inpaint=...)`
+    (seeded with the episode's seed)."""
     import yaml
 
     from pirl.serve.broker import ActionChunkBroker
@@ -603,7 +625,9 @@ def test_prefetched_eval_acts_as_the_chunk_broker_does_on_a_robot(local):
     with make_env(section, 1, EVAL_SEED) as env:
         for seed in seeds:
             obs = env.reset(seed)
-            with ActionChunkBroker(LocalChunkPolicy(local), n_exec, prefetch_steps=d, seed=seed) as broker:
+            policy = LocalChunkPolicy(local)
+            with ActionChunkBroker(policy, n_exec, prefetch_steps=d, seed=seed, inpaint=inpaint,
+                                   inpaint_beta=2.0 if inpaint else None) as broker:
                 while True:
                     action = broker.infer(obs)["actions"]
                     obs, _, terminated, truncated, info = env.step_chunk(action[None, None], 1)
@@ -612,11 +636,15 @@ def test_prefetched_eval_acts_as_the_chunk_broker_does_on_a_robot(local):
                                           "return": float(info["episode_return"][0]),
                                           "length": int(info["episode_length"][0])})
                         break
-        got = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local, prefetch_steps=d)
-        synchronous = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local)
+            # every request of an episode but its first carries the old plan (a last prefetch may go unused)
+            assert getattr(policy, "inpainted", 0) == (policy.requests - 1 if inpaint else 0)
+        got = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local, prefetch_steps=d,
+                       inpaint=inpaint, inpaint_beta=2.0)
+        other = evaluate(None, None, env, len(seeds), n_exec, 4, EVAL_SEED, actor=local,
+                         prefetch_steps=d if inpaint else 0)
     assert got["per_episode"] == reference
-    # negative control: acting on 2-step-old observations is a different run
-    assert [r["return"] for r in synchronous["per_episode"]] != [r["return"] for r in reference]
+    # negative control: acting on 2-step-old observations (with steering: steering) is a different run
+    assert [r["return"] for r in other["per_episode"]] != [r["return"] for r in reference]
 
 
 def test_eval_refuses_a_prefetch_its_chunks_cannot_hold():
@@ -627,3 +655,32 @@ def test_eval_refuses_a_prefetch_its_chunks_cannot_hold():
         main(["eval", f"checkpoint={CKPT}", "prefetch_steps=6"])
     with pytest.raises(SystemExit, match=r"n_exec \+ prefetch_steps <= the chunk's 10 actions"):
         main(["eval", f"checkpoint={CKPT}", "n_exec=8", "prefetch_steps=3"])
+
+
+def test_served_real_time_chunking_equals_local_and_pulls_the_committed_steps_onto_the_old_plan(server, local):
+    """A request with "prev_actions" / "prev_delay" gets the local inpainted chunk bit for bit; its first
+    `delay` actions move towards the old plan; a request without them in the same server is unchanged."""
+    from pirl.guidance.sampler import Inpainting
+
+    s = states(2, seed=21)
+    old_plan = local_actions(local, s[1:2], [5])[0]  # another observation's chunk: far from this one's
+    remaining, delay = old_plan[4:], 2
+    cfg = local.policy.config
+    noise = seeded_noise(31, 0, cfg.action_horizon, cfg.action_dim)[None]
+    obs = {"images": {}, "state": s[:1], "prompt": [PROMPT]}
+    inpainting = Inpainting.from_raw(local.processor, [remaining], [delay])
+    expected = local.actions(obs, noise, inpainting=inpainting)[0]
+    gentler = local.actions(obs, noise, inpainting=Inpainting.from_raw(local.processor, [remaining], [delay], [1.0]))[0]
+    plain = local.actions(obs, noise)[0]
+    with WebsocketClientPolicy(server.url) as client:
+        got = client.infer({**request(s[0], 31), "prev_actions": remaining, "prev_delay": delay})["actions"]
+        got_gentler = client.infer({**request(s[0], 31), "prev_actions": remaining, "prev_delay": delay,
+                                    "prev_beta": 1.0})["actions"]
+        again = client.infer(request(s[0], 31))["actions"]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got_gentler, gentler)
+    np.testing.assert_array_equal(again, plain)
+    gap = [np.abs(a[:delay] - remaining[:delay]).mean() for a in (plain, gentler, got)]
+    assert gap[0] > gap[1] > gap[2], gap  # the cap sets how hard the chunk is pulled onto the old plan
+    before, after = np.abs(plain[:delay] - remaining[:delay]).mean(), np.abs(got[:delay] - remaining[:delay]).mean()
+    assert after < 0.6 * before, (before, after)

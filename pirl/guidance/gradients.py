@@ -10,6 +10,8 @@ with respect to the latent only) and enables autograd itself, so it may be calle
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pirl.flow.grid import DenoiseGrid
@@ -65,13 +67,65 @@ def jacobian_direction(
     unclipped map: the clip's zero derivative would otherwise silence every row whose estimate leaves the
     box, which early in the chain is most of them. With J = I this is QGF.
     """
+    return pullback_direction(velocity_fn, x, t, lambda a_hat: q_gradient(q_fn, clip_actions(a_hat, clip))[0])
+
+
+def pullback_direction(
+    velocity_fn: VelocityFn, x: torch.Tensor, t: torch.Tensor, gradient_at_estimate
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """g = J^T h(a_hat), J = d(x - t * v(x)) / dx by autodiff through v, for an ascent direction h [B, H, D]
+    of some objective at the clean estimate a_hat (`gradient_at_estimate`, given a_hat detached).
+
+    The latent-space direction of QGF-Jacobian (h = grad Q) and of inpainting (h = W (Y - a_hat)). Returns
+    (g, v) with v the detached velocity at (x, t), so the caller needs no second forward pass.
+    """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v, _ = evaluate_velocity(velocity_fn, x, t)
         a_hat = clean_estimate(x, v, t)
-        g_hat, _ = q_gradient(q_fn, clip_actions(a_hat.detach(), clip))
-        (g,) = torch.autograd.grad(a_hat, x, grad_outputs=g_hat)
+        h = gradient_at_estimate(a_hat.detach())
+        (g,) = torch.autograd.grad(a_hat, x, grad_outputs=h)
     return g.detach(), v.detach()
+
+
+def inpaint_weights(horizon: int, delay: int, overlap: int) -> torch.Tensor:
+    """Per-index weights W [horizon] of real-time chunking's soft mask (Black et al. 2025; docs/serve.md).
+
+    The new chunk is asked for at the step where `overlap` actions of the current chunk are still to run;
+    its first `delay` actions run from the current chunk while the request is answered. W_i = 1 for
+    i < delay (those actions are committed), W_i = c_i (e^c_i - 1) / (e - 1) with
+    c_i = (overlap - i) / (overlap - delay + 1) for delay <= i < overlap (the old plan, trusted less the
+    further out it reaches), 0 from `overlap` on (no old plan there).
+    """
+    if not 0 <= delay <= overlap <= horizon:
+        raise ValueError(f"need 0 <= delay ({delay}) <= overlap ({overlap}) <= horizon ({horizon})")
+    i = torch.arange(horizon, dtype=torch.float64)
+    c = (overlap - i) / (overlap - delay + 1)
+    soft = c * torch.expm1(c) / math.expm1(1.0)
+    weights = torch.where(i < delay, torch.ones_like(i), torch.where(i < overlap, soft, torch.zeros_like(i)))
+    return weights.float()
+
+
+def inpaint_guidance_scale(t: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """The ΠGDM step scale real-time chunking uses, in the §1 convention: min(beta, (t^2 + (1-t)^2) / (t (1-t))).
+
+    (Black et al. write min(beta, (1 - tau) / (tau r^2)), r^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2), with
+    tau = 1 - t their data time.) It is 2 at t = 1/2, grows towards both ends, and is beta at t = 0 and 1.
+    `beta`: one cap, or one per row of t.
+    """
+    t = t.double()
+    raw = (t.square() + (1 - t).square()) / (t * (1 - t))  # +inf at t = 0 and 1: the cap applies
+    return torch.minimum(raw, torch.as_tensor(beta, dtype=torch.float64, device=t.device)).float()
+
+
+def inpaint_direction(
+    velocity_fn: VelocityFn, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-time chunking's guidance direction g = J^T [W * (Y - a_hat)] (docs/serve.md), with Y the
+    current chunk's remaining actions `target` [B, H, D] and W `weights` [B, H, D] (zero where there is
+    no old plan, on padded dims, and on rows that have none). Returns (g, v) as `pullback_direction`.
+    """
+    return pullback_direction(velocity_fn, x, t, lambda a_hat: weights * (target - a_hat))
 
 
 def bptt_direction(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from vla import draw
@@ -25,10 +26,12 @@ from pirl.flow.sampler import VelocityFn, VelocityTransform, sample
 from pirl.flow.steps import ODERule
 
 from .config import BEST_OF_N, GuidanceConfig
-from .gradients import best_of_n_index, gradstep_ascent
+from .gradients import best_of_n_index, gradstep_ascent, inpaint_weights
 from .qfunction import QFunction, tile_q
 from .stats import GuidanceStats, counted_q, counted_velocity
-from .velocity import BPTTGuidedVelocity, JacobianGuidedVelocity, OODGuidance, QGFGuidance
+from .velocity import BPTTGuidedVelocity, InpaintGuidedVelocity, JacobianGuidedVelocity, OODGuidance, QGFGuidance
+
+INPAINT_BETA = 5.0  # the cap on real-time chunking's step scale, as Black et al. (2025) set it
 
 
 @dataclass
@@ -163,3 +166,56 @@ def _guided_field(
     if cfg.method == "bptt":
         return BPTTGuidedVelocity(velocity_fn, q_fn, cfg.weight, grid, stats), []
     raise AssertionError(f"unhandled velocity-guided method {cfg.method!r}")
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """What real-time chunking steers new chunks onto (docs/serve.md): per row, the current chunk's
+    remaining actions `target` Y and the weights W (`inpaint_weights`, zero on padded dims and on rows
+    without a current chunk), both [B, H, D] in the policy's normalised units, and each row's cap `beta`
+    [B] on the step scale (`inpaint_guidance_scale`): how hard the new chunk is pulled onto the old one."""
+
+    target: torch.Tensor
+    weights: torch.Tensor
+    beta: torch.Tensor
+
+    @classmethod
+    def from_raw(cls, processor: Any, remaining: list, delays: list[int], betas: list[float] | None = None
+                 ) -> "Inpainting":
+        """Rows from the env-unit actions still to run of each row's current chunk ([L, d] with L <= H, or
+        None for a row without one), the steps `delays` until the new chunk takes over, and the caps
+        `betas` (default `INPAINT_BETA`)."""
+        horizon, dim = processor.config.action_horizon, processor.config.action_dim
+        betas = [INPAINT_BETA] * len(remaining) if betas is None else betas
+        target = torch.zeros(len(remaining), horizon, dim)
+        weights = torch.zeros(len(remaining), horizon, dim)
+        dims = processor.dim_mask().float()
+        for i, (rest, delay) in enumerate(zip(remaining, delays, strict=True)):
+            if rest is None or len(rest) == 0:
+                continue
+            rest = np.asarray(rest)
+            if rest.ndim != 2 or rest.shape[0] > horizon or rest.shape[1] != processor.action_dims:
+                raise ValueError(f"row {i}: the remaining actions must be [L <= {horizon}, {processor.action_dims}] "
+                                 f"(env units), got {tuple(rest.shape)}")
+            overlap = len(rest)
+            target[i, :overlap] = torch.from_numpy(processor.normalize_actions(rest))
+            weights[i] = inpaint_weights(horizon, int(delay), overlap)[:, None] * dims
+        return cls(target, weights, torch.tensor(betas, dtype=torch.float32))
+
+    def select(self, index: torch.Tensor) -> "Inpainting":
+        return Inpainting(self.target[index], self.weights[index], self.beta[index])
+
+    def to(self, device) -> "Inpainting":
+        return Inpainting(self.target.to(device), self.weights.to(device), self.beta.to(device))
+
+
+def inpainted_sample(policy: Any, prefix: Any, noise: torch.Tensor, inpainting: Inpainting, *,
+                     grid: DenoiseGrid | None = None) -> GuidedSample:
+    """The policy's ODE chunk steered onto the current chunk's remaining actions: real-time chunking's
+    guided velocity (`InpaintGuidedVelocity`) at every step. Rows with zero weights get the plain ODE
+    chunk. Costs one backward through the action expert per step; not under `torch.inference_mode()`."""
+    stats = GuidanceStats(batch_size=noise.shape[0])
+    velocity_fn = counted_velocity(policy_velocity_fn(policy, prefix, with_hidden=False), stats)
+    guided = InpaintGuidedVelocity(velocity_fn, inpainting.target, inpainting.weights, inpainting.beta, stats)
+    chain = sample(guided, grid or default_grid(policy), ODERule(), "none", noise=noise)
+    return GuidedSample(actions=chain.actions, chain=chain, q=None, stats=stats)

@@ -21,6 +21,8 @@ from .gradients import (
     bptt_direction,
     guidance_ratio,
     guided_velocity,
+    inpaint_direction,
+    inpaint_guidance_scale,
     jacobian_direction,
     ood_direction,
     qgf_direction,
@@ -112,3 +114,25 @@ class BPTTGuidedVelocity:
         self.stats.velocity_backward_rows += remaining * x.shape[0]
         self.stats.q_backward_rows += x.shape[0]
         return _record(self.stats, v, direction, self.weight)
+
+
+@dataclass(frozen=True)
+class InpaintGuidedVelocity:
+    """Real-time chunking as a velocity function: v' = v - s(t) J^T [W (Y - a_hat)] (docs/serve.md), which
+    steers the new chunk's first actions onto the current chunk's remaining ones (`target` Y, `weights` W,
+    both [B, H, D]). Rows whose weights are all zero get v exactly. s(t) = `inpaint_guidance_scale`, capped
+    at `beta` (one value, or one per row)."""
+
+    velocity_fn: VelocityFn
+    target: torch.Tensor
+    weights: torch.Tensor
+    beta: float | torch.Tensor
+    stats: GuidanceStats
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        direction, v = inpaint_direction(self.velocity_fn, x, t, self.target, self.weights)
+        self.stats.velocity_backward_rows += x.shape[0]
+        scale = inpaint_guidance_scale(t, self.beta).to(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
+        term = scale * direction
+        self.stats.ratios.append(guidance_ratio(v, term).detach())
+        return v - term

@@ -21,6 +21,13 @@ larger d is that each chunk acts on an older observation.
 
 `seed`: every request carries {"seed": seed, "noise_index": k} for the episode's k-th chunk (as `pirl eval`
 does), so an episode with the same observations gets the same actions; without it the server draws one.
+
+`inpaint`: every request after an episode's first also carries the current chunk's actions still to run
+("prev_actions", with "prev_delay" = d), and the server steers the new chunk onto them (real-time chunking,
+docs/serve.md): its first d actions, which the robot runs from the current chunk anyway, are pulled onto
+those, so the chunk it switches to continues the motion instead of jumping to another plan. `inpaint_beta`
+caps how hard ("prev_beta"; the server's default 5 when None). A stronger pull is smoother and less
+reactive: measure both with `pirl eval prefetch_steps=d inpaint=true inpaint_beta=...` first.
 """
 
 from __future__ import annotations
@@ -36,20 +43,22 @@ class ActionChunkBroker:
     """Wraps anything with openpi's `infer(obs) -> {"actions": [H, D], ...}` (pirl's or openpi's websocket
     client) and returns one step per `infer` call: {"actions": [D], "chunk_index", "chunk_step", and the
     chunk's other fields (timings, seed) as they came}. Same constructor and methods as openpi's broker,
-    plus `prefetch_steps` and `seed`.
+    plus `prefetch_steps`, `seed`, `inpaint` and `inpaint_beta`.
 
     Not thread-safe: one control loop calls `infer`. The policy's connection is used by one request at a
     time (a prefetch is the only request in flight while it runs).
     """
 
-    def __init__(self, policy, action_horizon: int, *, prefetch_steps: int = 0, seed: int | None = None):
+    def __init__(self, policy, action_horizon: int, *, prefetch_steps: int = 0, seed: int | None = None,
+                 inpaint: bool = False, inpaint_beta: float | None = None):
         if action_horizon < 1:
             raise ValueError(f"action_horizon (actions executed per chunk) must be >= 1, got {action_horizon}")
         if not 0 <= prefetch_steps <= action_horizon:
             raise ValueError(f"prefetch_steps must be in [0, action_horizon={action_horizon}], got {prefetch_steps}: "
                              "the next chunk is requested during the current one")
         self.policy = policy
-        self.execute, self.prefetch = int(action_horizon), int(prefetch_steps)
+        self.execute, self.prefetch, self.inpaint = int(action_horizon), int(prefetch_steps), bool(inpaint)
+        self.inpaint_beta = inpaint_beta
         horizon = self._server_horizon()
         if horizon is not None:
             self._check_fits(horizon)
@@ -90,10 +99,22 @@ class ActionChunkBroker:
                 pass
             self._pending = None
 
-    def _request(self, obs: dict) -> dict:
+    def _remaining(self) -> np.ndarray | None:
+        """With `inpaint`: the current chunk's actions from this step on (None before the first chunk, or
+        when none are left)."""
+        if not self.inpaint or self._chunk is None:
+            return None
+        rest = np.asarray(self._chunk["actions"])[self._start + self._used:]
+        return rest if len(rest) else None
+
+    def _request(self, obs: dict, remaining: np.ndarray | None, delay: int) -> dict:
         request = dict(obs)
         if self.seed is not None:
             request["seed"], request["noise_index"] = int(self.seed), self._next_index
+        if remaining is not None:
+            request["prev_actions"], request["prev_delay"] = remaining, min(delay, len(remaining))
+            if self.inpaint_beta is not None:
+                request["prev_beta"] = float(self.inpaint_beta)
         self._next_index += 1
         result = self.policy.infer(request)
         horizon = np.asarray(result["actions"]).shape[0]
@@ -109,7 +130,7 @@ class ActionChunkBroker:
         """This control step's action (and the chunk's other fields), from the observation of this step."""
         if self._chunk is None or self._used == self.execute:
             if self._pending is None:  # the first chunk of an episode, or synchronous brokering
-                self._install(self._request(obs), 0)
+                self._install(self._request(obs, self._remaining(), 0), 0)
             else:
                 pending, self._pending = self._pending, None
                 waited = not pending.done()
@@ -121,7 +142,7 @@ class ActionChunkBroker:
                 self.stats["prefetched"] += 1
                 self._install(result, self.prefetch)
         if self.prefetch and self._used == self.execute - self.prefetch:
-            self._pending = self._pool.submit(self._request, obs)
+            self._pending = self._pool.submit(self._request, obs, self._remaining(), self.prefetch)
         step = self._start + self._used
         self._used += 1
         out: dict[str, Any] = {k: v for k, v in self._chunk.items() if k != "actions"}

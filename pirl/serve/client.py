@@ -130,9 +130,13 @@ class RemoteActor:
             raise ValueError(f"{len(seeds)} envs but {len(self.clients)} connections")
         self.seeds, self.index = [int(s) for s in seeds], 0
 
-    def _one(self, i: int, obs: dict) -> np.ndarray:
+    def _one(self, i: int, obs: dict, remaining: np.ndarray | None, delay: int, beta: float | None) -> np.ndarray:
         request = {"images": {c: v[i] for c, v in obs["images"].items()}, "state": np.asarray(obs["state"][i]),
                    "prompt": obs["prompt"][i], "seed": self.seeds[i], "noise_index": self.index}
+        if remaining is not None:
+            request.update(prev_actions=np.asarray(remaining[i], np.float32), prev_delay=int(delay))
+            if beta is not None:
+                request["prev_beta"] = float(beta)
         for attempt in range(self.retries_when_busy + 1):
             try:
                 return np.asarray(self.clients[i].infer(request)["actions"])
@@ -142,8 +146,10 @@ class RemoteActor:
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def __call__(self, obs: dict) -> np.ndarray:
-        rows = list(self.pool.map(lambda i: self._one(i, obs), range(len(self.seeds))))
+    def __call__(self, obs: dict, remaining: np.ndarray | None = None, delay: int = 0, beta: float | None = None
+                 ) -> np.ndarray:
+        """As `PolicyActor.__call__`: `remaining` asks the server for real-time chunking."""
+        rows = list(self.pool.map(lambda i: self._one(i, obs, remaining, delay, beta), range(len(self.seeds))))
         self.index += 1
         return np.stack(rows)
 

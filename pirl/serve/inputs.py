@@ -15,7 +15,10 @@ Presets (`inputs=` in configs/serve.yaml), like openpi's per-robot input transfo
 `camera_map` (model camera -> request key) overrides the preset's cameras. A camera listed in the layout
 is required: a robot that forgets to send a camera gets an error instead of a policy acting blind.
 Reserved request keys: "seed" (int, reproducible sampling) and "noise_index" (int, which draw of that
-seed's generator: chunk k of an episode). Other keys are ignored (openpi clients send extras).
+seed's generator: chunk k of an episode); "prev_actions" (float [L, d], the current chunk's actions still
+to run from this observation on, raw units) with "prev_delay" (int, how many of them run before the new
+chunk takes over) ask for real-time chunking (`parse_remaining`, docs/serve.md). Other keys are ignored
+(openpi clients send extras).
 """
 
 from __future__ import annotations
@@ -93,7 +96,12 @@ class InputSpec:
                        "default": self.default_prompt},
             "reserved": {"seed": f"int in [0, 2^63): reproducible sampling (default: drawn by the server, "
                                  f"returned in the response)",
-                         "noise_index": f"int in [0, {MAX_NOISE_INDEX}]: the seed's k-th noise draw (default 0)"},
+                         "noise_index": f"int in [0, {MAX_NOISE_INDEX}]: the seed's k-th noise draw (default 0)",
+                         "prev_actions": "float [L, action_dim], L <= action_horizon: the current chunk's actions "
+                                         "still to run from this observation on (raw units); with prev_delay: "
+                                         "real-time chunking",
+                         "prev_delay": "int in [0, L]: how many of prev_actions run before the new chunk takes over",
+                         "prev_beta": "float > 0 (default 5): how hard the new chunk is pulled onto prev_actions"},
             "nested_keys": "nested dicts are addressed with '/'-joined keys",
         }
 
@@ -155,6 +163,40 @@ class InputSpec:
             bad = np.flatnonzero(~np.isfinite(state)).tolist()
             raise RequestError(f"{key!r} has non-finite values (NaN or inf) at indices {bad[:8]}")
         return state.astype(np.float32)
+
+
+def parse_remaining(request: Mapping, horizon: int, action_dims: int, default_beta: float
+                    ) -> tuple[np.ndarray, int, float] | None:
+    """The request's "prev_actions" [L, d] (1 <= L <= horizon, finite), "prev_delay" (0 <= delay <= L) and
+    "prev_beta" (> 0, default `default_beta`) for real-time chunking, or None when it sends none of them.
+    Raises RequestError naming the problem."""
+    remaining, delay = request.get("prev_actions"), _int_field(request, "prev_delay", 0, horizon)
+    beta = request.get("prev_beta")
+    if remaining is None:
+        if delay is not None or beta is not None:
+            raise RequestError("'prev_delay' and 'prev_beta' need 'prev_actions' (the current chunk's actions "
+                               "still to run)")
+        return None
+    if beta is None:
+        beta = default_beta
+    if isinstance(beta, np.ndarray) and beta.shape == ():
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, int | float | np.floating) or not 0 < float(beta) < np.inf:
+        raise RequestError(f"'prev_beta' must be a finite number > 0 (the cap on the pull onto prev_actions), "
+                           f"got {beta!r}")
+    if isinstance(remaining, list | tuple):
+        remaining = np.asarray(remaining)
+    if not isinstance(remaining, np.ndarray) or remaining.dtype.kind != "f":
+        raise RequestError(f"'prev_actions' must be a float array [L, {action_dims}] (raw units)")
+    if remaining.ndim != 2 or not 1 <= remaining.shape[0] <= horizon or remaining.shape[1] != action_dims:
+        raise RequestError(f"'prev_actions' has shape {tuple(remaining.shape)}; expected [L, {action_dims}] "
+                           f"with 1 <= L <= {horizon} (the action horizon)")
+    if not np.all(np.isfinite(remaining)):
+        raise RequestError("'prev_actions' has non-finite values (NaN or inf)")
+    if delay is None or delay > remaining.shape[0]:
+        raise RequestError(f"'prev_delay' (int in [0, L = {remaining.shape[0]}]: the steps of 'prev_actions' "
+                           f"that run before the new chunk takes over) is {'missing' if delay is None else delay}")
+    return remaining.astype(np.float32), delay, float(beta)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:

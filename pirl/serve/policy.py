@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from pirl.serve.config import ServeConfig
-from pirl.serve.inputs import InputSpec, RequestError
-from pirl.train.rl_core import PolicyActor, ode_sample_fn, seeded_noise, seeded_noise_stream
+from pirl.guidance.sampler import INPAINT_BETA
+from pirl.serve.inputs import InputSpec, RequestError, parse_remaining
+from pirl.train.rl_core import PolicyActor, seeded_noise, seeded_noise_stream
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,15 @@ def build_sample_fn(policy, processor, num_steps: int, guidance: Any = None, cri
                     checkpoint: str | None = None):
     """The sampler `(inputs, noise [B, H, D], generators) -> normalised chunk [B, H, D]` for these options.
 
-    No guidance (None or method "none"): the plain policy's ODE sampler (`pirl eval`'s). Otherwise the
+    No guidance (None or method "none"): None, which `PolicyActor` reads as the plain policy's ODE sampler
+    (`pirl eval`'s, the one real-time chunking steers). Otherwise the
     guided sampler of `pirl.guidance` (`GuidedSampler`, the one `pirl eval guidance=...` runs) with the
     critic loaded from `critic`; the prefix is computed once per batch inside it.
     """
     if not is_guided(guidance):
         if critic is not None:
             raise ValueError("serve: critic= is only used with guidance= (set both or neither)")
-        return ode_sample_fn(policy, num_steps)
+        return None
     from pirl.critic.q import load_critic
     from pirl.guidance.actor import GuidedSampler, guidance_config
 
@@ -72,6 +74,9 @@ class Prepared:
     seed: int
     noise_index: int
     seed_given: bool
+    remaining: np.ndarray | None = None  # real-time chunking: the current chunk's actions still to run [L, d]
+    delay: int = 0  # ... of which this many run before the new chunk takes over
+    beta: float = 0.0  # ... and the cap on the pull onto them
 
 
 class ServedPolicy:
@@ -135,6 +140,10 @@ class ServedPolicy:
     def prepare(self, request: Any) -> Prepared:
         """Validate and process one request (row-wise: the same numbers as inside a batch)."""
         row, seed, index = self.spec.parse(request)
+        horizon, _ = self.chunk_shape
+        previous = parse_remaining(request, horizon, self.actor.processor.action_dims, INPAINT_BETA)
+        if previous is not None and self.actor.sample_is_guided:
+            raise RequestError("'prev_actions' (real-time chunking) needs a server without guidance")
         obs = {"images": {c: img[None] for c, img in row["images"].items()}, "state": row["state"][None],
                "prompt": [row["prompt"]]}
         try:
@@ -142,7 +151,8 @@ class ServedPolicy:
         except (ValueError, KeyError) as err:  # e.g. a prompt longer than max_token_len
             raise RequestError(str(err).strip("'\"")) from None
         given = seed is not None
-        return Prepared(inputs, seed if given else secrets.randbits(63), index, given)
+        remaining, delay, beta = previous if previous is not None else (None, 0, 0.0)
+        return Prepared(inputs, seed if given else secrets.randbits(63), index, given, remaining, delay, beta)
 
     def warm_up(self, max_batch: int) -> float:
         """One synthetic batch of every size up to `max_batch` (blank images, zero state), before the port
@@ -169,7 +179,13 @@ class ServedPolicy:
             generators.append(g)
             noises.append(noise)
         inputs = rows[0].inputs if len(rows) == 1 else stack_inputs([r.inputs for r in rows])
-        actions = self.actor.actions_from_inputs(inputs, torch.stack(noises), generators)
+        inpainting = None
+        if any(r.remaining is not None for r in rows):
+            from pirl.guidance.sampler import Inpainting
+
+            inpainting = Inpainting.from_raw(self.actor.processor, [r.remaining for r in rows],
+                                             [r.delay for r in rows], [r.beta for r in rows])
+        actions = self.actor.actions_from_inputs(inputs, torch.stack(noises), generators, inpainting)
         return actions, (time.perf_counter() - t0) * 1000
 
 

@@ -640,6 +640,7 @@ class PolicyActor:
 
     def __init__(self, policy: FlowPolicy, processor: Processor, num_steps: int, sample=None):
         self.policy, self.processor, self.num_steps = policy, processor, num_steps
+        self.sample_is_guided = sample is not None
         self.sample = sample or ode_sample_fn(policy, num_steps)
         self.generators: list[torch.Generator] = []
 
@@ -647,40 +648,70 @@ class PolicyActor:
     def chunk_shape(self) -> tuple[int, int]:
         return self.policy.config.action_horizon, self.policy.config.action_dim
 
-    def actions(self, obs: dict, noise: Tensor, generators: list[torch.Generator] | None = None) -> np.ndarray:
-        return self.actions_from_inputs(self.processor(obs), noise, generators)
+    def actions(self, obs: dict, noise: Tensor, generators: list[torch.Generator] | None = None,
+                inpainting=None) -> np.ndarray:
+        return self.actions_from_inputs(self.processor(obs), noise, generators, inpainting)
 
     @torch.no_grad()
-    def actions_from_inputs(self, inputs, noise: Tensor, generators: list[torch.Generator] | None = None
-                            ) -> np.ndarray:
+    def actions_from_inputs(self, inputs, noise: Tensor, generators: list[torch.Generator] | None = None,
+                            inpainting=None) -> np.ndarray:
         """As `actions`, from processed `ModelInputs` (the processor is row-wise: a server processes each
-        request on its own and concatenates)."""
+        request on its own and concatenates).
+
+        `inpainting` (`pirl.guidance.sampler.Inpainting`, rows of the current chunks' remaining actions):
+        real-time chunking steers each row's new chunk onto them (docs/serve.md); plain sampler only."""
         device = next(self.policy.parameters()).device
         inputs = inputs.to(device)
         b = inputs.batch_size
         generators = list(generators) if generators is not None else [torch.Generator() for _ in range(b)]
         if b == 1:  # batch-invariance: see the class docstring
-            inputs = inputs.select(torch.tensor([0, 0], device=device))
+            pair = torch.tensor([0, 0], device=device)
+            inputs = inputs.select(pair)
             noise = noise.expand(2, *noise.shape[1:])
             twin = torch.Generator()
             twin.set_state(generators[0].get_state())
             generators = [generators[0], twin]
-        chunk = self.sample(inputs, noise.to(device), generators)[:b]
+            inpainting = inpainting.select(pair.cpu()) if inpainting is not None else None
+        if inpainting is None:
+            chunk = self.sample(inputs, noise.to(device), generators)[:b]
+        else:
+            chunk = self._inpainted(inputs, noise.to(device), inpainting.to(device))[:b]
         return self.processor.unnormalize_actions(chunk)
+
+    def _inpainted(self, inputs, noise: Tensor, inpainting) -> Tensor:
+        from pirl.flow.grid import DenoiseGrid
+        from pirl.guidance.sampler import inpainted_sample
+
+        if self.sample_is_guided:
+            raise ValueError("real-time chunking (inpainting onto the current chunk) runs with the plain sampler, "
+                             "not with test-time guidance")
+        prefix = self.policy.embed_prefix(inputs, hidden=False)
+        return inpainted_sample(self.policy, prefix, noise, inpainting,
+                                grid=DenoiseGrid.uniform(self.num_steps)).actions
 
     def reset(self, seeds: list[int]) -> None:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
-    def __call__(self, obs: dict) -> np.ndarray:
+    def __call__(self, obs: dict, remaining: np.ndarray | None = None, delay: int = 0, beta: float | None = None
+                 ) -> np.ndarray:
+        """The next chunk per env; with `remaining` ([B, L, d] env-unit actions of the current chunks still to
+        run, `delay` of them before the new chunk takes over), steered onto them with cap `beta` (real-time
+        chunking; default `pirl.guidance.sampler.INPAINT_BETA`)."""
         horizon, dim = self.chunk_shape
         noise = torch.stack([torch.randn(horizon, dim, generator=g) for g in self.generators])
-        return self.actions(obs, noise, self.generators)
+        inpainting = None
+        if remaining is not None:
+            from pirl.guidance.sampler import Inpainting
+
+            betas = None if beta is None else [beta] * len(remaining)
+            inpainting = Inpainting.from_raw(self.processor, list(remaining), [delay] * len(remaining), betas)
+        return self.actions(obs, noise, self.generators, inpainting)
 
 
 @torch.no_grad()
 def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, episodes: int, n_exec: int,
-             num_steps: int, seed: int, max_chunks: int = 10_000, actor=None, prefetch_steps: int = 0
-             ) -> dict[str, Any]:
+             num_steps: int, seed: int, max_chunks: int = 10_000, actor=None, prefetch_steps: int = 0,
+             inpaint: bool = False, inpaint_beta: float | None = None) -> dict[str, Any]:
     """Deterministic (ODE) evaluation of exactly the first episode of each seed in
     [seed, seed + episodes): in rounds of `env.num_envs`, env i of a round starting at s plays seed
     s + i once. Counting whichever episodes finish first instead would favour quick successes. Each
@@ -697,6 +728,9 @@ def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, ep
     from the observation d steps before the current chunk ends and executed from its index d, as if its answer
     took exactly d control steps. What acting on a d-step-old observation costs, measured before a robot pays
     it. d = 0: each chunk from the observation where the last one ended. Needs 0 <= d <= n_exec, n_exec + d <= H.
+    `inpaint`: each new chunk is also steered onto the current chunk's actions still to run (real-time
+    chunking, docs/serve.md), as `ActionChunkBroker(..., inpaint=True)` asks the server to, the pull capped
+    at `inpaint_beta` (default `pirl.guidance.sampler.INPAINT_BETA`).
     """
     if not 0 <= prefetch_steps <= n_exec:
         raise ValueError(f"prefetch_steps must be in [0, n_exec={n_exec}], got {prefetch_steps}")
@@ -729,7 +763,8 @@ def evaluate(agent: Agent | None, processor: Processor | None, env: ChunkEnv, ep
                 obs = play(chunk[:, first:first + ahead])
             if not pending:
                 break
-            upcoming = actor(obs)
+            upcoming = (actor(obs, remaining=chunk[:, first + ahead:], delay=prefetch_steps, beta=inpaint_beta)
+                        if inpaint else actor(obs))
             if prefetch_steps:  # the current chunk's last d steps run while the next one is being computed
                 obs = play(chunk[:, first + ahead:first + n_exec])
                 if not pending:

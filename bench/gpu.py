@@ -321,6 +321,24 @@ def part_guidance(name: str, device: torch.device, dtype: str, batch: int, steps
                      "mean_q": float(q.mean()), "finite": bool(torch.isfinite(out.actions).all()),
                      **out.stats.per_chunk()})
         print(f"  guidance {g.method}: {ms:.1f} ms ({ms / base_ms:.2f}x plain), mean Q {float(q.mean()):.2f}", flush=True)
+    # real-time chunking (docs/serve.md): the same expert backward per step, pulled onto an old plan that holds
+    # the target chunk on its first H - 5 steps, 2 of them committed
+    from pirl.guidance import Inpainting, inpaint_weights, inpainted_sample
+
+    overlap = cfg.action_horizon - 5
+    weights = inpaint_weights(cfg.action_horizon, 2, overlap).to(device)[None, :, None].expand(batch, -1, cfg.action_dim)
+    inpainting = Inpainting(target.expand(batch, -1, -1), weights.contiguous(), torch.full((batch,), 5.0, device=device))
+    noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    run = lambda: inpainted_sample(policy, prefix, noise, inpainting, grid=DenoiseGrid.uniform(steps))  # noqa: E731
+    with torch.no_grad():
+        out = run()
+        ms = median_ms(run, device, repeats, warmup=1)
+    q = q_fn(out.actions)
+    rows.append({"config": name, "dtype": dtype, "batch": batch, "K": steps, "method": "inpaint (RTC, beta 5)",
+                 "weight": None, "n": 1, "ms": ms, "x_plain": ms / base_ms, "mean_q": float(q.mean()),
+                 "finite": bool(torch.isfinite(out.actions).all()), **out.stats.per_chunk()})
+    print(f"  real-time chunking: {ms:.1f} ms ({ms / base_ms:.2f}x plain)", flush=True)
     return rows
 
 

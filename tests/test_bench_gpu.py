@@ -32,7 +32,7 @@ def test_gpu_benchmark_dry_run_covers_every_part(tmp_path):
     assert model["transformers_pi0"][0]["max_action_diff"] < 1e-4  # same weights and noise, fp32
     assert [row["cameras"] for row in model["transformers_pi0"]] == ["all", "third absent"]
     assert model["transformers_pi0"][1]["max_action_diff"] < 1e-4
-    assert {r["method"] for r in model["guidance"]} >= {"none", "qgf", "bptt", "best_of_n"}
+    assert {r["method"] for r in model["guidance"]} >= {"none", "qgf", "bptt", "best_of_n", "inpaint (RTC, beta 5)"}
     assert all(r["finite"] for r in model["guidance"])
     assert {(r["trainable"], r["mask"]) for r in model["ppo"]} == {("expert", "hybrid"), ("all", "hybrid")}
     md = (tmp_path / "gpu.md").read_text()

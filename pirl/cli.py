@@ -284,9 +284,12 @@ def cmd_eval(argv: list[str]) -> int:
     if not 0 <= prefetch <= data["n_exec"] or data["n_exec"] + prefetch > horizon:
         raise SystemExit(f"pirl eval: prefetch_steps={prefetch} must be in [0, n_exec={data['n_exec']}] with "
                          f"n_exec + prefetch_steps <= the chunk's {horizon} actions")
+    from pirl.serve.inputs import MAX_BETA
+
     beta = data["inpaint_beta"]
-    if beta is not None and not (isinstance(beta, int | float) and 0 < beta < float("inf")):
-        raise SystemExit(f"pirl eval: inpaint_beta must be a number > 0 or null (the default 5), got {beta!r}")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= MAX_BETA):
+        raise SystemExit(f"pirl eval: inpaint_beta must be a number in (0, {MAX_BETA:g}] or null (the default 5), "
+                         f"got {beta!r}")
     if data["inpaint"] and (guided is not None or remote and actor.metadata.get("sampler") == "guided"):
         raise SystemExit("pirl eval: inpaint=true (real-time chunking) runs with the plain sampler, not with guidance")
     env = make_env(env_section, data["num_envs"], data["seed"])

@@ -252,7 +252,7 @@ def ask(ws, frame):
     (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 7), np.float32)}), "is missing"),
     (packb({**request(np.zeros(STATE_DIM)), "prev_delay": 2}), "'prev_delay' and 'prev_beta' need 'prev_actions'"),
     (packb({**request(np.zeros(STATE_DIM)), "prev_actions": np.zeros((3, 7), np.float32), "prev_delay": 1,
-            "prev_beta": -1.0}), "'prev_beta' must be a finite number > 0"),
+            "prev_beta": -1.0}), "'prev_beta' must be a number in (0, 100]"),
 ])
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, local, frame, needle):
     ws = raw_connection(server.url)

@@ -31,6 +31,7 @@ import numpy as np
 
 MAX_SEED = 2**63 - 1
 MAX_NOISE_INDEX = 100_000
+MAX_BETA = 100.0  # a larger cap on real-time chunking's step scale only overshoots (the Euler step is dt * beta)
 
 PRESET_CAMERAS: dict[str, dict[str, str]] = {
     "libero": {"base_0_rgb": "observation/image", "left_wrist_0_rgb": "observation/wrist_image"},
@@ -101,7 +102,8 @@ class InputSpec:
                                          "still to run from this observation on (raw units); with prev_delay: "
                                          "real-time chunking",
                          "prev_delay": "int in [0, L]: how many of prev_actions run before the new chunk takes over",
-                         "prev_beta": "float > 0 (default 5): how hard the new chunk is pulled onto prev_actions"},
+                         "prev_beta": f"float in (0, {MAX_BETA:g}] (default 5): how hard the new chunk is pulled "
+                                      "onto prev_actions"},
             "nested_keys": "nested dicts are addressed with '/'-joined keys",
         }
 
@@ -181,9 +183,9 @@ def parse_remaining(request: Mapping, horizon: int, action_dims: int, default_be
         beta = default_beta
     if isinstance(beta, np.ndarray) and beta.shape == ():
         beta = beta.item()
-    if isinstance(beta, bool) or not isinstance(beta, int | float | np.floating) or not 0 < float(beta) < np.inf:
-        raise RequestError(f"'prev_beta' must be a finite number > 0 (the cap on the pull onto prev_actions), "
-                           f"got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, int | float | np.floating) or not 0 < float(beta) <= MAX_BETA:
+        raise RequestError(f"'prev_beta' must be a number in (0, {MAX_BETA:g}] (the cap on the pull onto "
+                           f"prev_actions; 5 is real-time chunking's), got {beta!r}")
     if isinstance(remaining, list | tuple):
         remaining = np.asarray(remaining)
     if not isinstance(remaining, np.ndarray) or remaining.dtype.kind != "f":

@@ -18,7 +18,6 @@ Writes bench/results/inpaint_switch_<checkpoint name>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_results  # noqa: E402
 from pirl.guidance.sampler import Inpainting, inpainted_sample  # noqa: E402
 from pirl.train.common import load_bundle  # noqa: E402
 from pirl.train.rl import make_env  # noqa: E402
@@ -107,8 +107,6 @@ def main() -> int:
     out = args.out or str(REPO / "bench" / "results" / f"inpaint_switch_{name}")
     meta = {"checkpoint": args.checkpoint, "seeds": [seeds[0], seeds[-1]], "n_exec": rollout["n_exec"],
             "num_steps": rollout["num_steps"], "betas": args.beta}
-    Path(out + ".json").write_text(json.dumps({"meta": meta, "results": {str(k): v for k, v in results.items()}},
-                                              indent=2))
     lines = ["# Real-time chunking at the chunk switches (`bench/inpaint_switch.py`)\n",
              f"{args.checkpoint}, PickCube, K = {meta['num_steps']}, n_exec = {meta['n_exec']}, test seeds "
              f"{seeds[0]}..{seeds[-1]} played with plain prefetched chunks; at each request the same observation, "
@@ -124,9 +122,7 @@ def main() -> int:
             count = max((r["switches"] for k, r in rows.items() if k.startswith(sampler)), default=0)
             lines.append(f"| {d} | {sampler if sampler == 'plain' else 'inpaint, ' + sampler} | {cell('committed gap')} | "
                          f"{cell('switch jump')} | {cell('executed change')} | {count} |")
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_results(out, {"meta": meta, "results": {str(k): v for k, v in results.items()}}, lines)
 
 
 if __name__ == "__main__":

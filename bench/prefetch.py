@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_results  # noqa: E402
 from pirl.algos.stats import paired_counts, sign_test_p, wilson_interval  # noqa: E402
 from pirl.cli import main as pirl  # noqa: E402
 
@@ -60,7 +61,6 @@ def main() -> int:
     meta = {"checkpoint": args.checkpoint, "task": first["task"], "num_steps": first["num_steps"],
             "n_exec": first["n_exec"], "max_episode_steps": first["max_episode_steps"], "seeds":
             [args.seed, args.seed + args.episodes - 1]}
-    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Success under d steps of observation delay (`pirl eval prefetch_steps=d`)\n",
              f"`python bench/prefetch.py --checkpoint {args.checkpoint}`: {meta['task']}, K = {meta['num_steps']}, "
              f"n_exec = {meta['n_exec']}, {meta['max_episode_steps']}-step episodes, test seeds "
@@ -78,9 +78,7 @@ def main() -> int:
                      f"{r['successes']}/{r['episodes']} = {r['successes'] / r['episodes']:.2f} | "
                      f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['won']} / {r['lost']} ({r['p']:.2g}) | "
                      f"{r['mean_length']:.1f} |")
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_results(out, {"meta": meta, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_results  # noqa: E402
 from pirl.serve.protocol import packb, unpackb  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -102,14 +103,6 @@ def server_stats(url: str) -> dict:
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
     conn.request("GET", "/stats")
     return json.loads(conn.getresponse().read())
-
-
-def write_results(out: str, data: dict, lines: list[str]) -> int:
-    """<out>.json (all numbers) and <out>.md (the table), which is also printed."""
-    Path(out + ".json").write_text(json.dumps(data, indent=2))
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
 
 
 def robot_loop(url: str, state_dim: int, period: float, steps: int, execute: int, prefetch: int,

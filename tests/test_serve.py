@@ -560,7 +560,7 @@ def test_chunk_broker_keeps_acting_while_the_next_chunk_is_in_flight(server):
     client.client.close()
 
 
-def test_chunk_broker_rejects_chunks_it_cannot_align_and_surfaces_a_failed_prefetch(server):
+def test_chunk_broker_rejects_chunks_it_cannot_align_and_surfaces_a_failed_prefetch(server, caplog):
     from pirl.serve.broker import ActionChunkBroker
 
     with WebsocketClientPolicy(server.url) as client:
@@ -578,7 +578,10 @@ def test_chunk_broker_rejects_chunks_it_cannot_align_and_surfaces_a_failed_prefe
             broker.infer({"state": s[2], "prompt": PROMPT})  # the switch step needed that chunk
         again = broker.infer({"state": s[3], "prompt": PROMPT})  # a fresh request, and serving goes on
         assert again["chunk_step"] == 0 and np.isfinite(again["actions"]).all()
-        broker.reset(seed=9)  # a new episode: the next chunk is index 0 of the new seed, from this step
+        broker.infer({"state": bad, "prompt": PROMPT})  # its prefetch fails too, but the episode ends first:
+        with caplog.at_level("WARNING", logger="pirl.serve.broker"):
+            broker.reset(seed=9)  # a new episode: the next chunk is index 0 of the new seed, from this step
+        assert "a discarded prefetch had failed" in caplog.text and "NaN" in caplog.text
         fresh = broker.infer({"state": s[0], "prompt": PROMPT})["actions"]
         np.testing.assert_array_equal(fresh, client.infer(request(s[0], 9, 0))["actions"][0])
         broker.close()

@@ -33,10 +33,13 @@ reactive: measure both with `pirl eval prefetch_steps=d inpaint=true inpaint_bet
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class ActionChunkBroker:
@@ -92,12 +95,14 @@ class ActionChunkBroker:
         self.stats = {"chunks": 0, "prefetched": 0, "stalls": 0, "stall_s": 0.0}
 
     def _discard_pending(self) -> None:
-        if getattr(self, "_pending", None) is not None:
-            try:
-                self._pending.result()
-            except Exception:  # noqa: BLE001 - the answer is thrown away either way
-                pass
-            self._pending = None
+        """Waits for the prefetch in flight and drops its answer; a failure is logged, since no tick will
+        ever raise it (the episode it was for is over)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        err = pending.exception()
+        if err is not None:
+            log.warning("a discarded prefetch had failed: %s", err)
 
     def _remaining(self) -> np.ndarray | None:
         """With `inpaint`: the current chunk's actions from this step on (None before the first chunk, or

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pirl.serve.config import ServeConfig
-from pirl.guidance.sampler import INPAINT_BETA
+from pirl.guidance.sampler import INPAINT_BETA, Inpainting
 from pirl.serve.inputs import InputSpec, RequestError, parse_remaining
 from pirl.train.rl_core import PolicyActor, seeded_noise, seeded_noise_stream
 
@@ -181,8 +181,6 @@ class ServedPolicy:
         inputs = rows[0].inputs if len(rows) == 1 else stack_inputs([r.inputs for r in rows])
         inpainting = None
         if any(r.remaining is not None for r in rows):
-            from pirl.guidance.sampler import Inpainting
-
             inpainting = Inpainting.from_raw(self.actor.processor, [r.remaining for r in rows],
                                              [r.delay for r in rows], [r.beta for r in rows])
         actions = self.actor.actions_from_inputs(inputs, torch.stack(noises), generators, inpainting)
